@@ -1,0 +1,83 @@
+"""Declarative descriptions of where each model family keeps its heads and MLP channels.
+
+Adding a family means adding an `ArchitectureSpec` here (and a test), not editing the core: the
+masks, the group lasso, the parameter count and the export all read these descriptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+def _flag(name: str) -> Callable[[Any], bool]:
+    return lambda config: bool(getattr(config, name, False))
+
+
+def _always(_config: Any) -> bool:
+    return True
+
+
+def _never(_config: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Module names (relative to a decoder layer) and bias rules of one model family.
+
+    A fused projection (`qkv`, `gate_up`) replaces its separate parts when it is set.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers_path: str = "model.layers"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    qkv: str | None = None
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    gate_up: str | None = None
+    qkv_bias: Callable[[Any], bool] = _flag("attention_bias")
+    o_bias: Callable[[Any], bool] = _flag("attention_bias")
+    mlp_bias: Callable[[Any], bool] = _flag("mlp_bias")
+    status: str = "tested"
+
+    def attention_out_modules(self) -> tuple[str, ...]:
+        return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
+
+    def mlp_out_modules(self) -> tuple[str, ...]:
+        return (self.gate_up,) if self.gate_up else (self.gate, self.up)
+
+
+SPECS: tuple[ArchitectureSpec, ...] = (
+    ArchitectureSpec(family="llama", model_types=("llama",)),
+    ArchitectureSpec(family="mistral", model_types=("mistral",), qkv_bias=_never, o_bias=_never, mlp_bias=_never),
+    # Qwen2 always has q/k/v biases and never an o_proj bias.
+    ArchitectureSpec(family="qwen2", model_types=("qwen2",), qkv_bias=_always, o_bias=_never, mlp_bias=_never),
+    # Qwen3's per-head q/k RMSNorm acts on head_dim, shared by all heads: it stays whole.
+    ArchitectureSpec(family="qwen3", model_types=("qwen3",), mlp_bias=_never),
+)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model family has no `ArchitectureSpec`."""
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in SPECS for t in spec.model_types)
+
+
+def spec_for(model_type: str) -> ArchitectureSpec:
+    """The spec of `config.model_type`, or a clear error listing the supported types."""
+    for spec in SPECS:
+        if model_type in spec.model_types:
+            return spec
+    raise UnsupportedArchitectureError(
+        f"model_type = {model_type!r} is not supported by axolotl-atp. Supported model types: "
+        f"{', '.join(supported_model_types())}. Fix: use a model of a supported family."
+    )

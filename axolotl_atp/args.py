@@ -1,0 +1,230 @@
+"""The `atp:` block of an axolotl config, and its interplay with the rest of the config.
+
+axolotl merges `ATPArgs` into its own schema (`get_input_args`). Everything here runs before a
+model is loaded, so a bad config fails in seconds with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LOG = logging.getLogger(__name__)
+
+PLUGIN_NAME = "axolotl_atp.ATPPlugin"
+
+# axolotl's fused LoRA kernels replace `lora.Linear.forward` with Triton code, so the mask hooks
+# ATP puts on the LoRA layers would never fire. They must be off whenever ATP is on.
+FUSED_LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+
+Structure = Literal["attention_heads", "mlp_channels"]
+
+
+class ATPConfig(BaseModel):
+    """Settings of one ATP run (fields of the `atp:` block)."""
+
+    # A misspelled key inside `atp:` is an error, not silently dropped. This config lives only on the
+    # nested model, so it does not leak into axolotl's own schema.
+    model_config = ConfigDict(extra="forbid")
+
+    prune_ratio: float = Field(
+        default=0.3,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the prunable decoder-linear parameters (q/k/v/o/gate/up/down weights "
+        "and biases) to remove. 0.4 removes 40% of them.",
+    )
+    structures: list[Structure] = Field(
+        default_factory=lambda: ["attention_heads", "mlp_channels"],
+        description="Which groups may be pruned: `attention_heads` (a KV head with the query heads "
+        "that share it) and/or `mlp_channels` (row j of gate/up, column j of down).",
+    )
+    layout: Literal["per_layer", "uniform"] = Field(
+        default="per_layer",
+        description="`per_layer`: kept widths differ per layer (better accuracy; export loads with "
+        "trust_remote_code). `uniform`: the same kept counts in every layer (export is a stock config).",
+    )
+    control_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="Optimizer steps during which the pruning-decision generator trains; then the "
+        "masks freeze. Default: half of the run's optimizer steps.",
+    )
+    generator_interval: int = Field(
+        default=1, ge=1, description="Train the generator every N optimizer steps of the control phase."
+    )
+    generator_lr: float = Field(default=1e-3, gt=0.0, description="Learning rate of the generator's AdamW.")
+    generator_weight_decay: float = Field(default=0.0, ge=0.0, description="Weight decay of the generator.")
+    generator_hidden_size: int = Field(default=64, ge=4, description="Width of the generator's encoder.")
+    generator_num_layers: int = Field(default=2, ge=1, description="Transformer layers in the generator.")
+    generator_num_heads: int = Field(default=4, ge=1, description="Attention heads in the generator.")
+    generator_max_grad_norm: float = Field(
+        default=3.0, gt=0.0, description="Gradient-norm clip of the generator's updates."
+    )
+    temperature: float = Field(
+        default=0.4, gt=0.0, description="Temperature T of the Gumbel-sigmoid s = sigmoid((z+noise+offset)/T)."
+    )
+    offset: float = Field(
+        default=3.0, description="Logit offset of the Gumbel-sigmoid; positive values start the run dense."
+    )
+    budget_weight: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="Weight alpha of the budget loss alpha*|log(remaining/total) - log(1 - prune_ratio)|.",
+    )
+    group_lasso: Literal["prox", "loss", "off"] = Field(
+        default="prox",
+        description="How the LoRA slices of pruned groups are driven to zero: `prox` (block soft-"
+        "threshold after each optimizer step, threshold growing over training, exact zeros at the end), "
+        "`loss` (paper-era group-lasso term added to the training loss), or `off`.",
+    )
+    group_lasso_strength: float = Field(
+        default=1000.0,
+        ge=0.0,
+        description="`prox`: the threshold is strength * peak_lr * ramp(t), ramp growing from 0 to 1. "
+        "`loss`: the weight of the group-lasso term (use a small value such as 0.01).",
+    )
+    calibration_size: float = Field(
+        default=0.05,
+        gt=0.0,
+        description="Rows held out of the training split for the generator's calibration batches: a "
+        "fraction if below 1, else a row count. Never taken from the evaluation split.",
+    )
+    calibration_batch_size: int | None = Field(
+        default=None, ge=1, description="Rows per calibration batch. Default: `micro_batch_size`."
+    )
+    mlp_round_to: int = Field(
+        default=1, ge=1, description="Kept MLP widths are multiples of this (or the full width)."
+    )
+    heads_round_to: int = Field(
+        default=1, ge=1, description="Kept KV-head counts are multiples of this (or the full count)."
+    )
+    min_heads_per_layer: int = Field(
+        default=1, ge=1, description="Fewest KV heads (with their query heads) kept in any layer."
+    )
+    min_mlp_channels_per_layer: int = Field(
+        default=1, ge=1, description="Fewest MLP channels kept in any layer."
+    )
+    seed: int | None = Field(
+        default=None, description="Seed of the generator and its noise. Default: axolotl's `seed`, or 42."
+    )
+    masks_file: str = Field(
+        default="atp_masks.json", description="File name, inside `output_dir`, of the frozen decision."
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ATPConfig:
+        if not self.structures:
+            raise ValueError(
+                "atp.structures is empty: nothing could be pruned. Fix: list at least one of "
+                "`attention_heads`, `mlp_channels`."
+            )
+        if len(set(self.structures)) != len(self.structures):
+            raise ValueError(f"atp.structures lists a structure twice ({self.structures}). Fix: list each once.")
+        if self.generator_hidden_size % self.generator_num_heads:
+            raise ValueError(
+                f"atp.generator_hidden_size ({self.generator_hidden_size}) must be a multiple of "
+                f"atp.generator_num_heads ({self.generator_num_heads}). Fix: change one of them."
+            )
+        if self.calibration_size >= 1 and self.calibration_size != int(self.calibration_size):
+            raise ValueError(
+                f"atp.calibration_size = {self.calibration_size}: a value of 1 or more is a row count "
+                "and must be a whole number. Fix: use a fraction below 1 or an integer."
+            )
+        return self
+
+
+class ATPArgs(BaseModel):
+    """Plugin args merged into axolotl's config schema (see `ATPPlugin.get_input_args`)."""
+
+    atp: ATPConfig | None = Field(
+        default=None,
+        description="All-in-One Tuning and Structural Pruning settings (see the axolotl-atp README).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_interplay(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not plugin_listed(data):
+            return data
+        check_axolotl_config(data)
+        force_fused_kernels_off(data)
+        return data
+
+
+def plugin_listed(cfg: Any) -> bool:
+    """Whether `plugins:` names the ATP plugin."""
+    plugins = cfg.get("plugins") or []
+    return any(str(p).split(".")[-1] == "ATPPlugin" and str(p).startswith("axolotl_atp") for p in plugins)
+
+
+def force_fused_kernels_off(cfg: Any) -> list[str]:
+    """Turn axolotl's fused LoRA kernels off; return the keys that the user had turned on."""
+    was_on = [k for k in FUSED_LORA_KERNEL_KEYS if cfg.get(k)]
+    for key in FUSED_LORA_KERNEL_KEYS:
+        cfg[key] = False
+    if was_on:
+        LOG.warning(
+            "axolotl-atp: turned off %s: the fused LoRA kernels bypass the LoRA layers that ATP's masks "
+            "hook into.",
+            ", ".join(was_on),
+        )
+    return was_on
+
+
+def check_axolotl_config(cfg: Any) -> None:
+    """Refuse axolotl settings that ATP does not support, naming the key, the value and the fix."""
+    if cfg.get("atp") is None:
+        raise ValueError(
+            f"`plugins` lists {PLUGIN_NAME} but the config has no `atp:` block. Fix: add one, e.g. "
+            "`atp: {prune_ratio: 0.3}` (every key has a default), or remove the plugin."
+        )
+    merging = bool(cfg.get("merge_lora"))
+    adapter = cfg.get("adapter")
+    if adapter not in ("lora", "qlora"):
+        raise ValueError(
+            f"adapter = {adapter!r}: ATP trains LoRA adapters alongside its pruning decision. "
+            "Fix: set `adapter: lora` or `adapter: qlora` (with `load_in_4bit: true`)."
+        )
+    if adapter == "qlora" and not cfg.get("load_in_4bit") and not merging:
+        raise ValueError(
+            "adapter = 'qlora' needs load_in_4bit = true. Fix: set `load_in_4bit: true`, or use `adapter: lora`."
+        )
+    if cfg.get("load_in_8bit"):
+        raise ValueError(
+            "load_in_8bit = true is not supported with ATP. Fix: use `adapter: qlora` with "
+            "`load_in_4bit: true`, or LoRA in bf16/fp32."
+        )
+    if cfg.get("rl"):
+        raise ValueError(
+            f"rl = {cfg.get('rl')!r}: ATP runs with supervised fine-tuning only. Fix: remove `rl`, "
+            "or remove the ATP plugin."
+        )
+    unsupported = {
+        "sample_packing": "set `sample_packing: false` (packed rows are not supported by ATP yet)",
+        "deepspeed": "remove `deepspeed` (DeepSpeed is not supported by ATP yet; use one GPU or DDP)",
+        "fsdp": "remove `fsdp` (FSDP is not supported by ATP yet; use one GPU or DDP)",
+        "fsdp_config": "remove `fsdp_config` (FSDP is not supported by ATP yet; use one GPU or DDP)",
+        "relora": "remove `relora` (ReLoRA merges adapters mid-run, which ATP's masks do not follow)",
+        "peft_use_dora": "remove `peft_use_dora` (DoRA's magnitude vector is not masked by ATP yet)",
+        "lora_target_parameters": "remove `lora_target_parameters` (only LoRA on Linear modules is supported)",
+        "unfrozen_parameters": "remove `unfrozen_parameters` (full fine-tuning of base weights is not supported)",
+        "context_parallel_size": "remove `context_parallel_size` (not supported by ATP yet)",
+        "tensor_parallel_size": "remove `tensor_parallel_size` (not supported by ATP yet)",
+    }
+    for key, fix in unsupported.items():
+        value = cfg.get(key)
+        if key in ("context_parallel_size", "tensor_parallel_size") and value in (None, 1):
+            continue
+        if value:
+            raise ValueError(f"{key} = {value!r} is not supported with ATP. Fix: {fix}.")
+    max_steps = cfg.get("max_steps")
+    atp = cfg.get("atp") or {}
+    control_steps = atp.get("control_steps") if isinstance(atp, dict) else None
+    if max_steps and control_steps and control_steps >= max_steps:
+        raise ValueError(
+            f"atp.control_steps = {control_steps} is not below max_steps = {max_steps}: the masks would "
+            "never freeze before training ends. Fix: lower atp.control_steps (e.g. to half of max_steps)."
+        )

@@ -1,0 +1,165 @@
+"""Training-loop glue: drives an `ATPController` from the HF Trainer's callback events."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from axolotl_atp.args import ATPConfig
+from axolotl_atp.calibration import CalibrationSampler
+from axolotl_atp.controller import ATPController
+from axolotl_atp.gates import MaskMode, unwrap_base_model
+from axolotl_atp.masks_io import decision_to_json, write_json_atomic
+from axolotl_atp.structures import prunable_module_names
+
+LOG = logging.getLogger(__name__)
+
+STATE_FILE = "atp_state.pt"
+
+
+class ATPStateError(RuntimeError):
+    """A checkpoint's ATP state is missing or unreadable."""
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the base model, LoRA excluded, 4-bit weights counted at their unpacked size."""
+    seen: set[int] = set()
+    total = 0
+    for name, module in unwrap_base_model(model).named_modules():
+        if "lora_" in name:
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:  # tied embeddings
+                continue
+            seen.add(id(param))
+            packed = type(param).__name__ == "Params4bit"
+            total += module.in_features * module.out_features if packed else param.numel()
+    return total
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise ATPStateError(
+            f"{checkpoint} has no {STATE_FILE}: the checkpoint was written without ATP state (or its save was "
+            "interrupted). Resuming would restart the pruning-decision generator and change the decision. Fix: "
+            "resume from an earlier checkpoint that has the file, or start the run again."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or corrupt file surfaces as many error types
+        raise ATPStateError(
+            f"{path} is corrupt ({type(err).__name__}: {err}). Fix: resume from an earlier checkpoint."
+        ) from err
+
+
+class ATPCallback(TrainerCallback):
+    """Generator steps, freeze, masks, prox, metrics, checkpoint state and the final masks file."""
+
+    def __init__(self, trainer: Any, atp_cfg: ATPConfig, calibration_dataset: Any, seed: int, base_model: str | None):
+        self.trainer = trainer
+        self.atp_cfg = atp_cfg
+        self.calibration_dataset = calibration_dataset
+        self.seed = seed
+        self.base_model = base_model
+        self.controller: ATPController | None = None
+        self.sampler: CalibrationSampler | None = None
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _calibration_loss(self) -> torch.Tensor:
+        assert self.sampler is not None and self.controller is not None
+        batch = self.trainer._prepare_inputs(self.sampler.batch(self.controller.generator_steps))
+        with self.trainer.compute_loss_context_manager():
+            return self.trainer.model(**batch).loss
+
+    def _log(self) -> None:
+        if self.controller and self.controller.metrics:
+            store = getattr(self.trainer, "store_metrics", None)
+            if callable(store):
+                store(dict(self.controller.metrics), train_eval="train")
+
+    # --- events --------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        model = self.trainer.model
+        self.controller = ATPController(
+            model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
+        )
+        batch_size = self.atp_cfg.calibration_batch_size or args.per_device_train_batch_size
+        self.sampler = CalibrationSampler(self.calibration_dataset, self.trainer.data_collator, batch_size, self.seed)
+        if state.global_step > 0:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self.controller.load_state_dict(load_state(checkpoint))
+            LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
+        c = self.controller
+        LOG.info(
+            "axolotl-atp: %d layers, %s; prunable parameters %d; target prune ratio %.3f; generator trains for "
+            "%d of %d steps, then the masks freeze (%s layout)",
+            c.geo.num_layers,
+            ", ".join(f"{c.geo.num_groups(s)} {s} per layer" for s in c.structures),
+            c.counter.prunable_total,
+            self.atp_cfg.prune_ratio,
+            c.control_steps,
+            c.total_steps,
+            self.atp_cfg.layout,
+        )
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        assert self.controller is not None
+        was_frozen = self.controller.frozen
+        self.controller.begin_step(state.global_step, self._calibration_loss)
+        if self.controller.frozen and not was_frozen:
+            counts = self.controller.decision.counts() if self.controller.decision else {}
+            LOG.info("axolotl-atp: masks frozen at step %d; kept per layer: %s", state.global_step, counts)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        assert self.controller is not None
+        # `global_step` is incremented after this event: the step that just ran is `global_step`.
+        self.controller.end_step(state.global_step)
+        self._log()
+        # Evaluation between steps sees the hard-masked model, as the export will be.
+        self.controller.masked.set_masks(self.controller.hard_masks, MaskMode.FULL)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.controller is None or not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint / f".{STATE_FILE}.tmp-{os.getpid()}"
+        torch.save(self.controller.state_dict(), tmp)
+        os.replace(tmp, checkpoint / STATE_FILE)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.controller is None:
+            return
+        c = self.controller
+        decision = c.finish()
+        c.masked.set_masks(c.hard_masks, MaskMode.FULL)
+        if not state.is_world_process_zero:
+            return
+        data = decision_to_json(
+            decision,
+            model_type=c.model_type,
+            prune_ratio=self.atp_cfg.prune_ratio,
+            layout=self.atp_cfg.layout,
+            structures=c.structures,
+            counter=c.counter,
+            total_params_before=count_parameters(self.trainer.model),
+            base_model=self.base_model,
+        )
+        data["group_lasso"] = {"mode": self.atp_cfg.group_lasso, "pruned_slice_norm": c.lasso.pruned_norm(c.hard_masks)}
+        data["prunable_modules"] = len(prunable_module_names(c.spec, c.geo))
+        path = Path(args.output_dir) / self.atp_cfg.masks_file
+        write_json_atomic(data, path)
+        LOG.info(
+            "axolotl-atp: wrote %s (achieved prune ratio %.4f of prunable parameters, target %.4f)",
+            path,
+            data["params"]["achieved_prune_ratio"],
+            self.atp_cfg.prune_ratio,
+        )

@@ -1,0 +1,229 @@
+"""One ATP run's state and its step logic, independent of axolotl and of the HF Trainer.
+
+Per optimizer step `t` (0-based):
+  1. `begin_step(t)`: during the control phase, a generator step on a calibration batch (LoRA
+     frozen, soft masks on full outputs, CE + budget loss); at `t == control_steps` the masks freeze
+     to a deterministic exact-budget decision. Then the hard masks are set for the LoRA step.
+  2. the trainer's micro-batches run with the LoRA-aware forward (and, in `loss` mode, `penalty()`).
+  3. `end_step(t)`: the proximal group-lasso step on the pruned groups' LoRA slices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from axolotl_atp.architectures import spec_for
+from axolotl_atp.args import ATPConfig
+from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
+from axolotl_atp.gates import MaskedModel, MaskMode, unwrap_base_model
+from axolotl_atp.generator import PruningDecisionGenerator, decision_scores, gumbel_sigmoid
+from axolotl_atp.group_lasso import GroupLasso, ramp
+from axolotl_atp.structures import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
+
+STATE_VERSION = 1
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in an ATP loss term: training stops before writing a broken adapter."""
+
+
+def check_finite(value: torch.Tensor, term: str, step: int) -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(
+            f"axolotl-atp: the {term} is {value.item() if value.numel() == 1 else value} at optimizer step "
+            f"{step}. Training stopped so that no broken adapter is written. Fix: lower the learning "
+            "rates (atp.generator_lr, learning_rate), or check the data for empty or huge rows."
+        )
+
+
+class ATPController:
+    """Generator, masks, budget and group lasso of one run on one (PEFT) model."""
+
+    def __init__(self, model: nn.Module, cfg: ATPConfig, *, total_steps: int, peak_lr: float, seed: int):
+        base = unwrap_base_model(model)
+        self.model = model
+        self.cfg = cfg
+        self.model_type = base.config.model_type
+        self.spec = spec_for(self.model_type)
+        self.geo = ModelGeometry.from_config(base.config, self.spec)
+        self.refs = slice_refs(self.spec, self.geo)
+        self.counter = ParameterCounter(self.geo, self.refs)
+        self.structures = list(cfg.structures)
+        self.masked = MaskedModel(model, self.spec, self.geo)
+        self.lasso = GroupLasso(model, {s: self.refs[s] for s in self.structures}, self.geo, self.spec.layers_path)
+        self.device = next(p.device for p in model.parameters())
+        self.total_steps = max(1, total_steps)
+        self.control_steps = cfg.control_steps or max(1, self.total_steps // 2)
+        self.peak_lr = peak_lr
+        self.seed = seed
+        torch.manual_seed(seed)  # the generator's init is part of the run's seeded state
+        self.generator = PruningDecisionGenerator(
+            self.geo.num_layers,
+            {s: self.geo.num_groups(s) for s in self.structures},
+            hidden_size=cfg.generator_hidden_size,
+            num_encoder_layers=cfg.generator_num_layers,
+            num_heads=cfg.generator_num_heads,
+        ).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.generator.parameters(), lr=cfg.generator_lr, weight_decay=cfg.generator_weight_decay
+        )
+        self.noise = torch.Generator().manual_seed(seed)
+        self.hard_masks: Masks = {
+            s: torch.ones(self.geo.num_layers, self.geo.num_groups(s), device=self.device) for s in self.structures
+        }
+        self.decision: Decision | None = None
+        self.generator_steps = 0
+        self.metrics: dict[str, float] = {}
+
+    # ----- phases ---------------------------------------------------------------------------
+    @property
+    def frozen(self) -> bool:
+        return self.decision is not None
+
+    def in_control(self, step: int) -> bool:
+        return not self.frozen and step < self.control_steps
+
+    def begin_step(self, step: int, calibration_loss: Callable[[], torch.Tensor] | None) -> None:
+        """Prepare optimizer step `step`: maybe a generator step or the freeze, then set the LoRA masks."""
+        self.metrics = {}
+        if not self.frozen and step >= self.control_steps:
+            self.freeze()
+        elif self.in_control(step) and calibration_loss is not None and step % self.cfg.generator_interval == 0:
+            self.generator_step(calibration_loss, step)
+        self.masked.set_masks(self.hard_masks, MaskMode.LORA_AWARE)
+
+    def generator_step(self, calibration_loss: Callable[[], torch.Tensor], step: int) -> None:
+        """One generator update: CE on a calibration batch with soft masks + budget loss; LoRA frozen."""
+        self.generator.train()
+        logits = self.generator()
+        soft, hard = {}, {}
+        for s, z in logits.items():
+            soft[s], hard[s] = gumbel_sigmoid(z, self.cfg.temperature, self.cfg.offset, self.noise)
+        ratio = self.counter.remaining_ratio(hard)
+        budget = self.cfg.budget_weight * (torch.log(ratio) - math.log(1.0 - self.cfg.prune_ratio)).abs()
+        check_finite(budget, "budget loss", step)
+        self.masked.set_masks(soft, MaskMode.FULL)
+        with frozen_parameters(self.model):
+            ce = calibration_loss()
+        check_finite(ce.detach(), "calibration loss", step)
+        (ce + budget).backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.generator_max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        new_hard = {s: (m.detach() >= 0.5).float() for s, m in hard.items()}
+        flips = sum(int((new_hard[s] != self.hard_masks[s].to(new_hard[s].device)).sum()) for s in new_hard)
+        self.hard_masks = new_hard
+        self.generator_steps += 1
+        self.metrics.update(
+            {
+                "atp/calibration_loss": float(ce.detach()),
+                "atp/budget_loss": float(budget.detach()),
+                "atp/remaining_ratio": float(ratio.detach()),
+                "atp/mask_flips": float(flips),
+            }
+        )
+
+    @torch.no_grad()
+    def scores(self) -> Masks:
+        self.generator.eval()
+        return decision_scores(self.generator(), self.cfg.offset)
+
+    def freeze(self) -> Decision:
+        """Fix the masks to the deterministic decision that meets the budget (up to rounding)."""
+        cfg = self.cfg
+        self.decision = freeze_decision(
+            self.scores(),
+            self.geo,
+            self.counter,
+            cfg.prune_ratio,
+            cfg.layout,
+            round_to={HEADS: cfg.heads_round_to, MLP: cfg.mlp_round_to},
+            minimum={HEADS: cfg.min_heads_per_layer, MLP: cfg.min_mlp_channels_per_layer},
+            accept_heads=stock_config_accepts_heads(self.geo) if cfg.layout == "uniform" else None,
+        )
+        new_hard = self.decision.masks(self.device)
+        self.metrics["atp/mask_flips"] = float(
+            sum(int((new_hard[s] != self.hard_masks[s]).sum()) for s in new_hard)
+        )
+        self.hard_masks = new_hard
+        self.metrics["atp/frozen"] = 1.0
+        return self.decision
+
+    def lasso_threshold(self, step: int) -> float:
+        """Prox threshold after optimizer step `step`; infinite at the last step, so pruned slices end at 0."""
+        if step + 1 >= self.total_steps:
+            return math.inf
+        return self.cfg.group_lasso_strength * self.peak_lr * ramp((step + 1) / self.total_steps)
+
+    def end_step(self, step: int) -> None:
+        """After the optimizer step: the proximal group-lasso step (`prox` mode) and its metrics."""
+        self.metrics["atp/remaining_ratio_hard"] = float(self.counter.remaining_ratio(self.hard_masks))
+        norm = self.lasso.pruned_norm(self.hard_masks)
+        check_finite(torch.tensor(norm), "group-lasso norm", step)
+        if self.cfg.group_lasso == "prox":
+            threshold = self.lasso_threshold(step)
+            self.lasso.prox(self.hard_masks, threshold)
+            if math.isinf(threshold):
+                self.metrics["atp/group_lasso_norm_before_final_projection"] = norm
+                norm = self.lasso.pruned_norm(self.hard_masks)
+        self.metrics["atp/group_lasso_norm"] = norm
+
+    def penalty(self) -> torch.Tensor:
+        """The `loss`-mode group-lasso term for the current micro-batch (already weighted)."""
+        return self.cfg.group_lasso_strength * self.lasso.penalty(self.hard_masks)
+
+    def finish(self) -> Decision:
+        """The final decision (freezing now if the run ended inside the control phase)."""
+        return self.decision if self.decision is not None else self.freeze()
+
+    # ----- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "model_type": self.model_type,
+            "num_layers": self.geo.num_layers,
+            "groups": {s: self.geo.num_groups(s) for s in self.structures},
+            "generator": self.generator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "noise_rng": self.noise.get_state(),
+            "hard_masks": {s: m.cpu() for s, m in self.hard_masks.items()},
+            "decision": self.decision.kept if self.decision else None,
+            "generator_steps": self.generator_steps,
+            "control_steps": self.control_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = {"num_layers": self.geo.num_layers, "groups": {s: self.geo.num_groups(s) for s in self.structures}}
+        found = {"num_layers": state.get("num_layers"), "groups": state.get("groups")}
+        if state.get("version") != STATE_VERSION or found != expected or state.get("model_type") != self.model_type:
+            raise ValueError(
+                f"ATP state is for another model or config (found {state.get('model_type')} {found}, expected "
+                f"{self.model_type} {expected}). Fix: resume with the config the checkpoint was made with."
+            )
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise.set_state(state["noise_rng"])
+        self.hard_masks = {s: m.to(self.device) for s, m in state["hard_masks"].items()}
+        self.decision = Decision(kept=state["decision"], geo=self.geo) if state["decision"] else None
+        self.generator_steps = int(state["generator_steps"])
+        self.control_steps = int(state["control_steps"])
+
+
+class frozen_parameters:  # noqa: N801 - used as a context manager
+    """Temporarily stop gradients to a module's trainable parameters (the LoRA weights)."""
+
+    def __init__(self, module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.params:
+            p.requires_grad_(True)

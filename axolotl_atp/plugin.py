@@ -1,0 +1,90 @@
+"""`ATPPlugin`: wires axolotl's plugin hooks to the parts in this package, and nothing more."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from axolotl_atp.args import ATPConfig, force_fused_kernels_off, plugin_listed
+
+LOG = logging.getLogger(__name__)
+
+
+def atp_config(cfg: Any) -> ATPConfig | None:
+    """The validated `atp:` block, or None when ATP is not active for this config."""
+    if not plugin_listed(cfg) or cfg.get("atp") is None or cfg.get("merge_lora") or cfg.get("inference"):
+        return None
+    return ATPConfig(**dict(cfg["atp"]))
+
+
+def run_seed(cfg: Any, atp_cfg: ATPConfig) -> int:
+    if atp_cfg.seed is not None:
+        return atp_cfg.seed
+    return int(cfg.get("seed") or 42)
+
+
+class ATPPlugin(BasePlugin):
+    """All-in-One Tuning and Structural Pruning for axolotl (`plugins: [axolotl_atp.ATPPlugin]`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calibration_dataset: Any = None
+
+    def get_input_args(self) -> str:
+        return "axolotl_atp.args.ATPArgs"
+
+    def register(self, cfg: dict) -> None:
+        # Runs on the raw config before validation: turning the fused kernels off here stops axolotl
+        # from auto-enabling them (the args validator does it again for programmatic paths).
+        if plugin_listed(cfg) and cfg.get("atp") is not None:
+            force_fused_kernels_off(cfg)
+
+    def pre_model_load(self, cfg: Any) -> None:
+        if atp_config(cfg) is None:
+            return
+        from transformers import AutoConfig
+
+        from axolotl_atp.architectures import spec_for
+
+        # Refuse an unsupported family before its weights are loaded.
+        model_config = AutoConfig.from_pretrained(
+            cfg.base_model_config or cfg.base_model, trust_remote_code=bool(cfg.trust_remote_code)
+        )
+        spec_for(model_config.model_type)
+
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
+        atp_cfg = atp_config(cfg)
+        if preprocess or atp_cfg is None:
+            return None
+        from axolotl.common.datasets import TrainDatasetMeta, load_datasets
+        from axolotl.utils.trainer import calculate_total_num_steps
+
+        from axolotl_atp.calibration import split_calibration
+
+        meta = load_datasets(cfg=cfg)
+        train, calibration = split_calibration(meta.train_dataset, atp_cfg.calibration_size, run_seed(cfg, atp_cfg))
+        self.calibration_dataset = calibration
+        LOG.info("axolotl-atp: held out %d of %d training rows for calibration", len(calibration), len(meta.train_dataset))
+        total_num_steps = calculate_total_num_steps(cfg, train)
+        return TrainDatasetMeta(train_dataset=train, eval_dataset=meta.eval_dataset, total_num_steps=total_num_steps)
+
+    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:
+        atp_cfg = atp_config(cfg)
+        if atp_cfg is None:
+            return []
+        from axolotl_atp.calibration import split_calibration
+        from axolotl_atp.callback import ATPCallback
+        from axolotl_atp.loss import add_group_lasso_to_loss
+
+        calibration = self.calibration_dataset
+        if calibration is None:
+            # Datasets were loaded without this plugin's hook (e.g. `axolotl.train.train` called directly).
+            trainer.train_dataset, calibration = split_calibration(
+                trainer.train_dataset, atp_cfg.calibration_size, run_seed(cfg, atp_cfg)
+            )
+        callback = ATPCallback(trainer, atp_cfg, calibration, run_seed(cfg, atp_cfg), cfg.base_model)
+        if atp_cfg.group_lasso == "loss":
+            add_group_lasso_to_loss(trainer, callback)
+        return [callback]
