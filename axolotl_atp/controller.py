@@ -111,7 +111,8 @@ class ATPController:
         with frozen_parameters(self.model):
             ce = calibration_loss()
         check_finite(ce.detach(), "calibration loss", step)
-        (ce + budget).backward()
+        ce.backward()  # reaches only the mask leaves: the LoRA weights are frozen for this step
+        torch.stack([budget, *self.masked.mask_gradient_terms()]).sum().backward()
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.generator_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,9 +148,7 @@ class ATPController:
             accept_heads=stock_config_accepts_heads(self.geo) if cfg.layout == "uniform" else None,
         )
         new_hard = self.decision.masks(self.device)
-        self.metrics["atp/mask_flips"] = float(
-            sum(int((new_hard[s] != self.hard_masks[s]).sum()) for s in new_hard)
-        )
+        self.metrics["atp/mask_flips"] = float(sum(int((new_hard[s] != self.hard_masks[s]).sum()) for s in new_hard))
         self.hard_masks = new_hard
         self.metrics["atp/frozen"] = 1.0
         return self.decision

@@ -92,7 +92,9 @@ def freeze_decision(
             continue
         accept = accept_heads if (structure == HEADS and layout == "uniform") else None
         counts = allowed_counts(n, round_to.get(structure, 1), minimum.get(structure, 1), accept)
-        groups = [[layer] for layer in range(geo.num_layers)] if layout == "per_layer" else [list(range(geo.num_layers))]
+        groups = (
+            [[layer] for layer in range(geo.num_layers)] if layout == "per_layer" else [list(range(geo.num_layers))]
+        )
         for layers in groups:
             sorted_scores, order = [], []
             for layer in layers:
@@ -112,6 +114,7 @@ def freeze_decision(
                 "atp.prune_ratio, lower atp.min_heads_per_layer / atp.min_mlp_channels_per_layer, or add "
                 "a structure to atp.structures."
             )
+
         def cost(candidate: tuple[tuple[float, int], _Track]) -> int:
             (_, removed), track = candidate
             return removed * len(track.layers) * counter.cost_per_group[track.structure]

@@ -84,14 +84,37 @@ class MaskedModel:
             self._handles.append(module.register_forward_pre_hook(in_hook))
 
     def set_masks(self, masks: Masks, mode: MaskMode) -> None:
-        """Use `masks` ({structure: [layers, groups]}) in `mode` until the next call."""
+        """Use `masks` ({structure: [layers, groups]}) in `mode` until the next call.
+
+        Masks that require grad are expanded into *leaf* tensors: reentrant gradient checkpointing
+        runs one backward per layer, and each would otherwise walk (and free) the generator's graph.
+        `backward_to_masks` then carries the leaves' gradients to `masks` in one step.
+        """
         self.masks = masks
         self.mode = mode
         self._expanded = {}
         for structure, mask in masks.items():
             for ref in self.refs[structure]:
-                index = ref.group_index.to(mask.device)
-                self._expanded[(structure, ref.module)] = mask[:, index]
+                expanded = self._expand(mask, ref)
+                if expanded.requires_grad:
+                    expanded = expanded.detach().requires_grad_(True)
+                self._expanded[(structure, ref.module)] = expanded
+
+    @staticmethod
+    def _expand(mask: torch.Tensor, ref: SliceRef) -> torch.Tensor:
+        return mask[:, ref.group_index.to(mask.device)]
+
+    def mask_gradient_terms(self) -> list[torch.Tensor]:
+        """Scalars whose backward sends the expanded leaves' gradients to the compact masks."""
+        terms = []
+        for structure, mask in self.masks.items():
+            if not mask.requires_grad:
+                continue
+            for ref in self.refs[structure]:
+                leaf = self._expanded[(structure, ref.module)]
+                if leaf.grad is not None:
+                    terms.append((self._expand(mask, ref) * leaf.grad).sum())
+        return terms
 
     def clear(self) -> None:
         self.set_masks({}, MaskMode.OFF)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
 from axolotl_atp.args import ATPConfig, force_fused_kernels_off, plugin_listed
+from axolotl_atp.log import get_logger
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 
 
 def atp_config(cfg: Any) -> ATPConfig | None:
@@ -66,7 +66,9 @@ class ATPPlugin(BasePlugin):
         meta = load_datasets(cfg=cfg)
         train, calibration = split_calibration(meta.train_dataset, atp_cfg.calibration_size, run_seed(cfg, atp_cfg))
         self.calibration_dataset = calibration
-        LOG.info("axolotl-atp: held out %d of %d training rows for calibration", len(calibration), len(meta.train_dataset))
+        LOG.info(
+            "axolotl-atp: held out %d of %d training rows for calibration", len(calibration), len(meta.train_dataset)
+        )
         total_num_steps = calculate_total_num_steps(cfg, train)
         return TrainDatasetMeta(train_dataset=train, eval_dataset=meta.eval_dataset, total_num_steps=total_num_steps)
 

@@ -41,7 +41,9 @@ class ModelGeometry:
         num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})")
+            raise ValueError(
+                f"num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            )
         return cls(
             num_layers=int(config.num_hidden_layers),
             hidden_size=int(config.hidden_size),
@@ -49,9 +51,9 @@ class ModelGeometry:
             num_kv_heads=num_kv_heads,
             head_dim=int(head_dim),
             intermediate_size=int(config.intermediate_size),
-            qkv_bias=spec.qkv_bias(config),
-            o_bias=spec.o_bias(config),
-            mlp_bias=spec.mlp_bias(config),
+            qkv_bias=spec.has_bias(spec.qkv_bias, config),
+            o_bias=spec.has_bias(spec.o_bias, config),
+            mlp_bias=spec.has_bias(spec.mlp_bias, config),
         )
 
     @property

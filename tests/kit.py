@@ -22,12 +22,66 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-WORDS = (
-    "the patient was admitted with chest pain and shortness of breath after surgery we report a case of "
-    "acute renal failure treated with dialysis results showed significant improvement in survival the "
-    "study enrolled adults with diabetes randomized to insulin or placebo outcomes included mortality "
-    "blood pressure heart rate infection cancer therapy dose response trial cohort risk factor analysis"
-).split()
+WORDS = [
+    "the",
+    "patient",
+    "was",
+    "admitted",
+    "with",
+    "chest",
+    "pain",
+    "and",
+    "shortness",
+    "of",
+    "breath",
+    "after",
+    "surgery",
+    "we",
+    "report",
+    "a",
+    "case",
+    "of",
+    "acute",
+    "renal",
+    "failure",
+    "treated",
+    "with",
+    "dialysis",
+    "results",
+    "showed",
+    "significant",
+    "improvement",
+    "in",
+    "survival",
+    "the",
+    "study",
+    "enrolled",
+    "adults",
+    "with",
+    "diabetes",
+    "randomized",
+    "to",
+    "insulin",
+    "or",
+    "placebo",
+    "outcomes",
+    "included",
+    "mortality",
+    "blood",
+    "pressure",
+    "heart",
+    "rate",
+    "infection",
+    "cancer",
+    "therapy",
+    "dose",
+    "response",
+    "trial",
+    "cohort",
+    "risk",
+    "factor",
+    "analysis",
+]
 
 
 def corpus(n: int, seed: int = 0, min_words: int = 20, max_words: int = 60) -> list[str]:
@@ -57,11 +111,26 @@ def build_tokenizer(path: Path) -> Any:
 
 
 TINY = {
-    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "llama_mha": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-    "mistral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "llama": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "llama_mha": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+    ),
+    "mistral": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "qwen2": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "qwen3": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 
 
@@ -79,8 +148,14 @@ def build_tiny_model(path: Path, family: str = "llama", seed: int = 0, **overrid
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer(path)
-    config = tiny_config(family, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, **overrides)
+    config = tiny_config(
+        family,
+        len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **overrides,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init is tiny: make weights large enough that masks matter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -94,12 +95,12 @@ def test_parameter_count_matches_sliced_model(family):
 def test_qwen2_biases_are_counted_and_sliced():
     model = tiny("qwen2")
     assert model.model.layers[0].self_attn.q_proj.bias is not None
-    spec, geo = geometry(model)
+    _, geo = geometry(model)
     assert geo.qkv_bias and not geo.o_bias
 
 
 def test_unknown_architecture_is_refused():
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*llama"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2' is not supported.*llama"):
         spec_for("gpt2")
 
 
@@ -169,7 +170,7 @@ def test_prox_zeroes_pruned_and_keeps_kept_slices():
         lasso.prox(masks, 0.05)
         norms.append(lasso.pruned_norm(masks))
     assert norms[-1] == 0.0
-    assert all(b <= a + 1e-9 for a, b in zip(norms, norms[1:], strict=False))
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(norms))
     for sl, old in zip(lasso.slices, before, strict=True):
         kept = masks[sl.structure][sl.layer][sl.group_index] >= 0.5
         new = sl.weight.detach()
