@@ -12,7 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.calibration import CalibrationSampler
 from axolotl_atp.controller import ATPController
-from axolotl_atp.gates import MaskMode, unwrap_base_model
+from axolotl_atp.gates import MaskMode, base_layer_of, unwrap_base_model
 from axolotl_atp.log import get_logger
 from axolotl_atp.masks_io import decision_to_json, write_json_atomic
 from axolotl_atp.structures import prunable_module_names
@@ -96,10 +96,12 @@ class ATPCallback(TrainerCallback):
             self.controller.load_state_dict(load_state(checkpoint))
             LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
         c = self.controller
+        down_proj = c.masked.layers[0].get_submodule(c.spec.down)
         LOG.info(
-            "axolotl-atp: %d layers, %s; prunable parameters %d; target prune ratio %.3f; generator trains for "
-            "%d of %d steps, then the masks freeze (%s layout)",
+            "axolotl-atp: %d layers (base Linear class %s), %s; prunable parameters %d; target prune ratio "
+            "%.3f; generator trains for %d of %d steps, then the masks freeze (%s layout)",
             c.geo.num_layers,
+            type(base_layer_of(down_proj)).__name__,
             ", ".join(f"{c.geo.num_groups(s)} {s} per layer" for s in c.structures),
             c.counter.prunable_total,
             self.atp_cfg.prune_ratio,
