@@ -167,6 +167,8 @@ def force_fused_kernels_off(cfg: Any) -> list[str]:
             "axolotl-atp: turned off %s: the fused LoRA kernels bypass the LoRA layers that ATP's masks hook into.",
             ", ".join(was_on),
         )
+    else:
+        LOG.info("axolotl-atp: fused LoRA kernels are off (they would bypass ATP's mask hooks)")
     return was_on
 
 

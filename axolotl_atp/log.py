@@ -1,9 +1,11 @@
-"""Loggers under axolotl's `axolotl` logger, so the plugin's INFO lines show with axolotl's own."""
+"""The plugin's loggers, made like axolotl's own so their INFO lines show (on the main process only)."""
 
 from __future__ import annotations
 
-import logging
+from typing import Any
 
 
-def get_logger(module_name: str) -> logging.Logger:
-    return logging.getLogger("axolotl.atp." + module_name.rsplit(".", 1)[-1])
+def get_logger(module_name: str) -> Any:
+    from axolotl.utils.logging import get_logger as axolotl_logger
+
+    return axolotl_logger("axolotl.atp." + module_name.rsplit(".", 1)[-1])

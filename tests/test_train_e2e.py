@@ -1,0 +1,130 @@
+"""`axolotl train` with the plugin, through the real CLI in a subprocess, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.kit import base_config, run_cli, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def train(tmp_path: Path, model: Path, data: Path, name: str = "cfg", **overrides) -> tuple[Path, str]:
+    cfg = base_config(model, data, tmp_path, **overrides)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = write_config(tmp_path / f"{name}.yml", cfg)
+    result = run_cli(["axolotl", "train", str(path), "--launcher", "python"])
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    return Path(cfg["output_dir"]), log
+
+
+def read_masks(run: Path) -> dict:
+    return json.loads((run / "atp_masks.json").read_text())
+
+
+def check_masks_file(masks: dict, prune_ratio: float) -> None:
+    geo = masks["geometry"]
+    assert masks["prune_ratio"] == prune_ratio
+    assert len(masks["layers"]) == geo["num_layers"]
+    for layer in masks["layers"]:
+        assert layer["kv_heads"] and layer["mlp"] and layer["heads"]
+        group = geo["num_heads"] // geo["num_kv_heads"]
+        assert layer["heads"] == [k * group + j for k in layer["kv_heads"] for j in range(group)]
+    params = masks["params"]
+    assert params["prunable_after"] < params["prunable_before"]
+    assert params["achieved_prune_ratio"] >= prune_ratio - 1e-9
+    # Within one MLP channel-block or one head of the target (the decision's granularity).
+    head_cost = (2 * group * geo["head_dim"] + 2 * geo["head_dim"]) * geo["hidden_size"]
+    assert params["achieved_prune_ratio"] <= prune_ratio + head_cost / params["prunable_before"]
+
+
+def test_train_lora_with_accumulation_and_checkpointing(tmp_path, tiny_llama, tiny_data):
+    run, log = train(
+        tmp_path,
+        tiny_llama,
+        tiny_data,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        save_strategy="steps",
+        save_steps=3,
+        atp={"prune_ratio": 0.3, "control_steps": 3},
+    )
+    masks = read_masks(run)
+    check_masks_file(masks, 0.3)
+    assert masks["group_lasso"]["pruned_slice_norm"] == 0.0
+    assert (run / "adapter_model.safetensors").is_file()
+    assert (run / "checkpoint-3" / "atp_state.pt").is_file()
+    assert "base Linear class Linear)" in log
+    assert "fused LoRA kernels are off" in log
+    for metric in ("atp/budget_loss", "atp/calibration_loss", "atp/remaining_ratio", "atp/mask_flips"):
+        assert metric in log, metric
+    assert "masks frozen at step 3" in log
+
+
+def test_train_qlora_4bit(tmp_path, tiny_llama, tiny_data):
+    run, log = train(
+        tmp_path,
+        tiny_llama,
+        tiny_data,
+        adapter="qlora",
+        load_in_4bit=True,
+        atp={"prune_ratio": 0.25, "control_steps": 3, "layout": "uniform"},
+    )
+    assert "base Linear class Linear4bit)" in log
+    masks = read_masks(run)
+    check_masks_file(masks, 0.25)
+    counts = {len(layer["mlp"]) for layer in masks["layers"]}
+    assert len(counts) == 1  # uniform layout
+    assert (run / "adapter_model.safetensors").is_file()
+
+
+def test_group_lasso_loss_mode(tmp_path, tiny_llama, tiny_data):
+    run, log = train(tmp_path, tiny_llama, tiny_data, atp={"group_lasso": "loss", "group_lasso_strength": 0.01})
+    assert "atp/group_lasso_penalty" in log
+    assert read_masks(run)["group_lasso"]["mode"] == "loss"
+
+
+def test_resume_restores_generator_and_masks(tmp_path, tiny_llama, tiny_data):
+    common = dict(save_strategy="steps", save_steps=2, atp={"prune_ratio": 0.3, "control_steps": 4})
+    full, _ = train(tmp_path / "a", tiny_llama, tiny_data, **common)
+
+    # A run that "died" after its step-2 checkpoint: only that checkpoint survives.
+    resumed_dir = tmp_path / "b"
+    (resumed_dir / "run").mkdir(parents=True)
+    shutil.copytree(full / "checkpoint-2", resumed_dir / "run" / "checkpoint-2")
+    resumed, log = train(
+        resumed_dir, tiny_llama, tiny_data, resume_from_checkpoint=str(resumed_dir / "run" / "checkpoint-2"), **common
+    )
+    assert "restored generator, masks and decision" in log
+    assert read_masks(resumed)["layers"] == read_masks(full)["layers"]
+    a = load_file(full / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_resume_without_atp_state_is_refused(tmp_path, tiny_llama, tiny_data):
+    common = dict(save_strategy="steps", save_steps=2, max_steps=4, atp={"prune_ratio": 0.3, "control_steps": 2})
+    full, _ = train(tmp_path / "a", tiny_llama, tiny_data, **common)
+    broken = tmp_path / "b" / "run" / "checkpoint-2"
+    shutil.copytree(full / "checkpoint-2", broken)
+    (broken / "atp_state.pt").unlink()
+    cfg = base_config(tiny_llama, tiny_data, tmp_path / "b", resume_from_checkpoint=str(broken), **common)
+    result = run_cli(["axolotl", "train", str(write_config(tmp_path / "b.yml", cfg)), "--launcher", "python"])
+    assert result.returncode != 0
+    assert "has no atp_state.pt" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("corrupt", [b"", b"not a torch file"])
+def test_corrupt_atp_state_is_refused(tmp_path, corrupt):
+    from axolotl_atp.callback import ATPStateError, load_state
+
+    (tmp_path / "atp_state.pt").write_bytes(corrupt)
+    with pytest.raises(ATPStateError, match="is corrupt"):
+        load_state(tmp_path)
