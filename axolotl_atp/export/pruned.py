@@ -1,0 +1,169 @@
+"""Merge LoRA into the base and remove the pruned groups, one decoder layer at a time.
+
+Nothing here builds a model: tensors stream from the base shards, through the merge and the
+slicing, into the output shards, so a merge holds about one layer (plus one output shard) at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from axolotl_atp.architectures import ArchitectureSpec
+from axolotl_atp.decision import Decision
+from axolotl_atp.export.checkpoint import BaseCheckpoint, CheckpointError, LoraAdapter, ShardWriter, nf4_roundtrip
+from axolotl_atp.export.slicing import kept_positions, slice_layer
+from axolotl_atp.structures import HEADS, MLP, ModelGeometry, slice_refs
+
+REMOTE_DIR = Path(__file__).parent / "remote"
+
+
+@dataclass
+class ExportStats:
+    params_before: int = 0
+    params_after: int = 0
+    bytes_written: int = 0
+    pruned_lora_norm: float = 0.0
+    merged_modules: int = 0
+    dtype: torch.dtype = torch.float32
+    notes: list[str] = field(default_factory=list)
+
+
+def _pruned_lora_sq_norm(adapter: LoraAdapter, layer_prefix: str, refs: dict, kept: dict[str, list[int]]) -> float:
+    """Squared norm of the LoRA slices that belong to pruned groups (0 after the prox)."""
+    total = 0.0
+    for structure, structure_refs in refs.items():
+        if structure not in kept:
+            continue
+        for ref in structure_refs:
+            factors = adapter.factors.get(layer_prefix + ref.module)
+            if factors is None:
+                continue
+            a, b, _ = factors
+            keep = torch.zeros(ref.group_index.numel(), dtype=torch.bool)
+            keep[kept_positions(ref, kept[structure])] = True
+            part = b[~keep] if ref.side == "out" else a[:, ~keep]
+            total += float(part.float().pow(2).sum())
+    return total
+
+
+def write_pruned_weights(
+    base: BaseCheckpoint,
+    adapter: LoraAdapter,
+    out: Path,
+    spec: ArchitectureSpec,
+    geo: ModelGeometry,
+    decision: Decision,
+    nf4_dtype: torch.dtype | None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> ExportStats:
+    """Write the merged, pruned safetensors into `out`; every tensor keeps its base dtype."""
+    refs = slice_refs(spec, geo)
+    prefix = spec.layers_path + "."
+    per_layer: dict[int, list[str]] = {i: [] for i in range(geo.num_layers)}
+    others: list[str] = []
+    for key in base.files:
+        if key.startswith(prefix):
+            per_layer[int(key[len(prefix) :].split(".")[0])].append(key)
+        else:
+            others.append(key)
+    unknown = [m for m in adapter.factors if not m.startswith(prefix) and f"{m}.weight" not in base.files]
+    if unknown:
+        raise CheckpointError(
+            f"the adapter has LoRA on modules the base model lacks: {unknown[:3]}. Fix: merge with "
+            "the base model the run was trained on."
+        )
+
+    stats = ExportStats(params_before=base.numel())
+    writer = ShardWriter(out, max_shard_bytes)
+    merged = set()
+
+    def merge(key: str, tensor: torch.Tensor, quantized: bool) -> torch.Tensor:
+        if key in adapter.replacements:
+            return adapter.replacements[key]
+        if not key.endswith(".weight") or tensor.dim() != 2:
+            return tensor
+        module = key[: -len(".weight")]
+        weight = nf4_roundtrip(tensor, nf4_dtype) if (quantized and nf4_dtype is not None) else tensor
+        delta = adapter.delta(module)
+        if delta is None:
+            return weight
+        merged.add(module)
+        return (weight.float() + delta).to(tensor.dtype)
+
+    writer.add({key: merge(key, t, quantized=False) for key, t in base.get(others).items()})
+    sq_norm = 0.0
+    for layer in tqdm(range(geo.num_layers), desc="atp-merge: layers", unit="layer"):
+        layer_prefix = f"{prefix}{layer}."
+        tensors = {k[len(layer_prefix) :]: merge(k, t, quantized=True) for k, t in base.get(per_layer[layer]).items()}
+        kept = {s: decision.kept[s][layer] for s in decision.kept}
+        sq_norm += _pruned_lora_sq_norm(adapter, layer_prefix, refs, kept)
+        sliced = slice_layer(tensors, refs, kept)
+        stats.dtype = sliced[f"{refs[MLP][-1].module}.weight"].dtype
+        writer.add({layer_prefix + k: v for k, v in sliced.items()})
+    writer.close()
+    missing = set(adapter.factors) - merged
+    if missing:
+        raise CheckpointError(
+            f"LoRA factors were not merged for {sorted(missing)[:3]} (embedding LoRA is not supported)."
+        )
+    stats.params_after = writer.numel
+    stats.bytes_written = writer.total_bytes
+    stats.pruned_lora_norm = sq_norm**0.5
+    stats.merged_modules = len(merged)
+    return stats
+
+
+def widths(decision: Decision, geo: ModelGeometry) -> tuple[list[int], list[int]]:
+    """(kept KV heads, kept MLP channels) per layer."""
+    counts = decision.counts()
+    kv = counts.get(HEADS, [geo.num_kv_heads] * geo.num_layers)
+    mlp = counts.get(MLP, [geo.intermediate_size] * geo.num_layers)
+    return kv, mlp
+
+
+def uniform_config(base_config: Any, decision: Decision, geo: ModelGeometry) -> Any:
+    """The base family's stock config with the (uniform) kept widths."""
+    kv, mlp = widths(decision, geo)
+    if len(set(kv)) != 1 or len(set(mlp)) != 1:
+        raise CheckpointError(
+            "layout: uniform needs the same kept widths in every layer, but the masks file has "
+            f"KV heads {sorted(set(kv))} and MLP widths {sorted(set(mlp))}. Fix: merge with `layout: per_layer` "
+            "(the masks came from a per_layer run)."
+        )
+    config = copy.deepcopy(base_config)
+    config.num_key_value_heads = kv[0]
+    config.num_attention_heads = kv[0] * geo.group_size
+    config.head_dim = geo.head_dim
+    config.intermediate_size = mlp[0]
+    return config
+
+
+def write_per_layer_config(base_config: Any, decision: Decision, geo: ModelGeometry, out: Path) -> None:
+    """A config recording each layer's widths, plus the modeling code that reads it."""
+    kv, mlp = widths(decision, geo)
+    base_type = base_config.model_type
+    data = base_config.to_dict()
+    data.update(
+        model_type=f"atp_{base_type}",
+        architectures=["ATPPrunedForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_atp.ATPPrunedConfig",
+            "AutoModelForCausalLM": "modeling_atp.ATPPrunedForCausalLM",
+        },
+        atp_layer_num_key_value_heads=kv,
+        atp_layer_intermediate_sizes=mlp,
+        head_dim=geo.head_dim,
+    )
+    import json
+
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    config_code = (REMOTE_DIR / "configuration_atp.py").read_text()
+    config_code = config_code.replace('BASE_MODEL_TYPE = "llama"', f"BASE_MODEL_TYPE = {base_type!r}")
+    (out / "configuration_atp.py").write_text(config_code)
+    (out / "modeling_atp.py").write_text((REMOTE_DIR / "modeling_atp.py").read_text())

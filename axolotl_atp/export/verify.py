@@ -1,0 +1,90 @@
+"""The export check: the written model's logits against the in-memory merged, masked model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from axolotl_atp.architectures import ArchitectureSpec
+from axolotl_atp.decision import Decision
+from axolotl_atp.export.checkpoint import nf4_roundtrip
+from axolotl_atp.gates import MaskedModel, MaskMode
+from axolotl_atp.structures import ModelGeometry
+
+FALLBACK_TEXTS = [
+    "The patient was admitted to the hospital with chest pain and shortness of breath. An electrocardiogram "
+    "showed ST elevation in the anterior leads, and the patient was taken for urgent catheterization.",
+    "Paris is the capital and most populous city of France. Since the 17th century it has been one of the "
+    "major centres of finance, diplomacy, commerce, culture, fashion and gastronomy.",
+]
+
+
+def sample_texts(datasets: list[dict] | None, count: int = 4) -> list[str]:
+    """Up to `count` rows of the run's first local JSON-lines dataset; fixed English text otherwise."""
+    for ds in datasets or []:
+        path = Path(str(ds.get("path", "")))
+        if path.is_file() and path.suffix in (".jsonl", ".json"):
+            field = ds.get("field") or "text"
+            texts = []
+            with path.open() as f:
+                for line in f:
+                    row = json.loads(line) if line.strip() else {}
+                    if isinstance(row.get(field), str) and row[field].strip():
+                        texts.append(row[field])
+                    if len(texts) >= count:
+                        break
+            if texts:
+                return texts
+    return FALLBACK_TEXTS
+
+
+def reference_model(
+    base_dir: Path,
+    adapter_dir: Path,
+    spec: ArchitectureSpec,
+    geo: ModelGeometry,
+    decision: Decision,
+    nf4_dtype: torch.dtype | None,
+) -> tuple[Any, MaskedModel]:
+    """Base (fp32) + merged LoRA, with the hard masks on o_proj/down_proj inputs: the trained model's function."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if nf4_dtype is not None:
+        layers = model.get_submodule(spec.layers_path)
+        with torch.no_grad():
+            for module in layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(nf4_roundtrip(module.weight, nf4_dtype))
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()
+    masked = MaskedModel(model, spec, geo)
+    masked.set_masks(decision.masks(), MaskMode.FULL)
+    return model, masked
+
+
+@torch.no_grad()
+def compare_logits(reference: Any, exported: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Largest absolute logit difference over the real-token positions of `batches`."""
+    worst = 0.0
+    for batch in batches:
+        a = reference(**batch).logits.float()
+        b = exported(**batch).logits.float()
+        keep = batch["attention_mask"].bool()
+        worst = max(worst, float((a - b).abs()[keep].max()))
+    return worst
+
+
+def tokenize_batches(tokenizer: Any, texts: list[str], batch_size: int = 2, max_length: int = 128) -> list[dict]:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches

@@ -1,0 +1,249 @@
+"""`axolotl atp-merge` after a real `axolotl train`: the export loads in a fresh process and computes
+what an independently built reference computes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.kit import OFFLINE_ENV, base_config, build_tiny_model, corpus, run_cli, write_config, write_jsonl
+
+pytestmark = pytest.mark.e2e
+
+LOAD_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, remote, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote).eval()
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+ids = torch.tensor(json.load(open(out + ".ids.json")))
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+    generated = model.generate(input_ids=ids[:1, :5], max_new_tokens=6, do_sample=False)
+torch.save({"logits": logits, "num_parameters": model.num_parameters(), "generated": generated,
+            "class": type(model).__name__}, out)
+"""
+
+
+def make_run(root: Path, family: str, adapter: str, layout: str) -> tuple[Path, Path, dict]:
+    model = build_tiny_model(root / "model", family)
+    data = write_jsonl(root / "data.jsonl", corpus(80, seed=3))
+    extra = {"adapter": adapter, "load_in_4bit": adapter == "qlora"}
+    cfg = base_config(model, data, root, atp={"prune_ratio": 0.35, "control_steps": 3, "layout": layout}, **extra)
+    path = write_config(root / "cfg.yml", cfg)
+    result = run_cli(["axolotl", "train", str(path), "--launcher", "python"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return path, model, cfg
+
+
+def merge(cfg_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_cli(["axolotl", "atp-merge", str(cfg_path), *args])
+
+
+def nf4(weight: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight.float(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+def reference_logits(model_dir: Path, adapter_dir: Path, masks: dict, ids: torch.Tensor, nf4_base: bool):
+    """Base + merged LoRA with pruned heads' o_proj input columns and pruned channels' down_proj input
+    columns zeroed: built from the masks file alone, without the plugin's code."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if nf4_base:
+        with torch.no_grad():
+            for module in model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(nf4(module.weight))
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()
+    head_dim = masks["geometry"]["head_dim"]
+    with torch.no_grad():
+        for layer, kept in zip(model.model.layers, masks["layers"], strict=True):
+            o = layer.self_attn.o_proj.weight
+            cols = torch.ones(o.shape[1], dtype=torch.bool)
+            for head in range(masks["geometry"]["num_heads"]):
+                cols[head * head_dim : (head + 1) * head_dim] = head in kept["heads"]
+            o[:, ~cols] = 0.0
+            down = layer.mlp.down_proj.weight
+            keep = torch.zeros(down.shape[1], dtype=torch.bool)
+            keep[kept["mlp"]] = True
+            down[:, ~keep] = 0.0
+        return model(input_ids=ids).logits
+
+
+def load_fresh(export: Path, remote: bool, ids: torch.Tensor, tmp: Path) -> dict:
+    out = tmp / "loaded.pt"
+    (tmp / "loaded.pt.ids.json").write_text(json.dumps(ids.tolist()))
+    env_prefix = {**OFFLINE_ENV}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(export), "1" if remote else "0", str(out)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **env_prefix},
+        cwd=tmp,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+CASES = [
+    ("llama", "lora", "per_layer"),
+    ("llama", "qlora", "uniform"),
+    ("llama_mha", "lora", "uniform"),
+    ("llama_mha", "qlora", "per_layer"),
+]
+
+
+@pytest.mark.parametrize(("family", "adapter", "layout"), CASES)
+def test_merge_export_matches_independent_reference(tmp_path, family, adapter, layout):
+    cfg_path, model_dir, cfg = make_run(tmp_path, family, adapter, layout)
+    result = merge(cfg_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    export = Path(cfg["output_dir"]) / "atp-merged"
+    report = json.loads((export / "atp_report.json").read_text())
+    masks = json.loads((export / "atp_masks.json").read_text())
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "atp_widths.png"):
+        assert (export / name).is_file(), name
+    assert report["max_abs_logit_diff"] is not None and report["max_abs_logit_diff"] <= report["logit_tolerance"]
+    assert report["base_weights"] == ("nf4" if adapter == "qlora" else "original")
+
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    loaded = load_fresh(export, layout == "per_layer", ids, tmp_path)
+    expected = reference_logits(model_dir, Path(cfg["output_dir"]), masks, ids, nf4_base=adapter == "qlora")
+    assert (loaded["logits"] - expected).abs().max() < 1e-4
+    assert loaded["num_parameters"] == report["params_after"] < report["params_before"]
+    assert loaded["generated"].shape == (1, 11)
+    if layout == "uniform":
+        config = json.loads((export / "config.json").read_text())
+        assert config["model_type"] == "llama" and "auto_map" not in config
+        assert loaded["class"] == "LlamaForCausalLM"
+        assert config["intermediate_size"] == len(masks["layers"][0]["mlp"])
+    else:
+        assert loaded["class"] == "ATPPrunedForCausalLM"
+    achieved = report["achieved_prune_ratio"]
+    assert 0.35 - 1e-9 <= achieved <= 0.45, achieved
+    assert report["prunable_params_before"] - report["prunable_params_after"] == (
+        report["params_before"] - report["params_after"]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge-errors")
+    cfg_path, _, cfg = make_run(root, "llama", "lora", "per_layer")
+    return root, cfg_path, cfg
+
+
+def test_merge_refusals(trained_run, tmp_path):
+    _, cfg_path, cfg = trained_run
+    run_dir = Path(cfg["output_dir"])
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user file")
+    result = merge(cfg_path, "--output-dir", str(busy))
+    assert result.returncode != 0 and "exists and is not empty" in result.stderr + result.stdout
+    assert (busy / "keep.txt").read_text() == "user file"
+
+    result = merge(cfg_path, "--output-dir", str(run_dir), "--overwrite")
+    assert result.returncode != 0 and "holds the run's adapter or checkpoints" in result.stderr + result.stdout
+    assert (run_dir / "adapter_model.safetensors").is_file()
+
+    no_plugin = dict(cfg)
+    no_plugin.pop("plugins")
+    no_plugin.pop("atp")
+    result = merge(write_config(tmp_path / "plain.yml", no_plugin))
+    assert result.returncode != 0 and "does not list the ATP plugin" in result.stderr + result.stdout
+
+
+def run_merge_in_process(cfg: dict, tmp_path: Path, name: str, **kwargs):
+    from axolotl_atp.merge import run_merge
+
+    return run_merge(str(write_config(tmp_path / f"{name}.yml", cfg)), **kwargs)
+
+
+def test_missing_adapter_and_masks_are_refused(trained_run, tmp_path):
+    from axolotl_atp.export.checkpoint import CheckpointError
+    from axolotl_atp.masks_io import MasksFileError
+
+    _, _, cfg = trained_run
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="has no LoRA adapter"):
+        run_merge_in_process({**cfg, "output_dir": str(empty)}, tmp_path, "a")
+    partial = tmp_path / "no-masks"
+    shutil.copytree(cfg["output_dir"], partial)
+    (partial / "atp_masks.json").unlink()
+    shutil.rmtree(partial / "atp-merged", ignore_errors=True)
+    with pytest.raises(MasksFileError, match=r"atp_masks\.json not found"):
+        run_merge_in_process({**cfg, "output_dir": str(partial)}, tmp_path, "b")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["layers"].pop(), "has 1 layers but the model has 2"),
+        (lambda m: m.__setitem__("model_type", "qwen2"), "made for model_type 'qwen2'"),
+        (lambda m: m["layers"][0].__setitem__("mlp", [0, 0, 1]), "duplicate indices"),
+        (lambda m: m["layers"][0].__setitem__("mlp", [999]), "outside 0..95"),
+        (lambda m: m["layers"][1].__setitem__("mlp", []), "is empty"),
+        (lambda m: m["layers"][0].__setitem__("heads", [0]), "are not the query heads"),
+        (lambda m: m["geometry"].__setitem__("intermediate_size", 128), "intermediate_size = 128"),
+    ],
+)
+def test_bad_masks_file_is_refused(trained_run, tmp_path, edit, message):
+    from axolotl_atp.masks_io import MasksFileError
+
+    _, _, cfg = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg["output_dir"], run, ignore=shutil.ignore_patterns("atp-merged"))
+    masks = json.loads((run / "atp_masks.json").read_text())
+    edit(masks)
+    (run / "atp_masks.json").write_text(json.dumps(masks))
+    with pytest.raises(MasksFileError, match=message):
+        run_merge_in_process({**cfg, "output_dir": str(run)}, tmp_path, "c")
+
+
+def test_truncated_masks_file_is_refused(trained_run, tmp_path):
+    from axolotl_atp.masks_io import MasksFileError
+
+    _, _, cfg = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg["output_dir"], run, ignore=shutil.ignore_patterns("atp-merged"))
+    text = (run / "atp_masks.json").read_text()
+    (run / "atp_masks.json").write_text(text[: len(text) // 2])
+    with pytest.raises(MasksFileError, match="is not valid JSON"):
+        run_merge_in_process({**cfg, "output_dir": str(run)}, tmp_path, "d")
+
+
+def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
+    from axolotl_atp.export import checkpoint
+
+    _, _, cfg = trained_run
+    out = tmp_path / "export"
+    calls = {"n": 0}
+    original = checkpoint.ShardWriter.add
+
+    def add_then_die(self, tensors):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, tensors)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge_in_process(cfg, tmp_path, "e", output_dir=str(out))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
