@@ -1,0 +1,29 @@
+# axolotl-atp task runner. `make test` and `make demo` set up .venv themselves.
+SHELL := /bin/bash
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export WANDB_MODE := disabled
+PY := .venv/bin/python
+
+.PHONY: setup test test-fast lint demo assets gpu-check
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	.venv/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-fast: setup  ## unit tests only (no axolotl subprocesses, no real model)
+	$(PY) -m pytest -q -m "not e2e and not real"
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+assets: setup
+	$(PY) -m axolotl_atp.assets all
+
+demo: setup
+	$(PY) scripts/demo.py
