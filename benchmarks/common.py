@@ -1,0 +1,158 @@
+"""Shared pieces of the benchmarks: real assets, configs, running the real CLIs, recording results."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "WANDB_MODE": "disabled",
+}
+
+
+def assets() -> tuple[Path, Path]:
+    from axolotl_atp.assets import ensure_pubmed, ensure_smollm2
+
+    return ensure_smollm2(), ensure_pubmed()
+
+
+def pubmed_subset(pubmed: Path, out: Path, rows: int) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join((pubmed / "train.jsonl").read_text().splitlines(keepends=True)[:rows]))
+    return out
+
+
+def smollm2_config(model: Path, data: Path, out: Path, *, atp: dict | None, **overrides: Any) -> dict:
+    cfg: dict[str, Any] = {
+        "base_model": str(model),
+        "datasets": [{"path": str(data), "type": "completion"}],
+        "dataset_prepared_path": str(out / "prepared"),
+        "output_dir": str(out / "run"),
+        "sequence_len": 256,
+        "sample_packing": False,
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 40,
+        "num_epochs": 1,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "cosine",
+        "warmup_steps": 2,
+        "val_set_size": 0,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "dataloader_num_workers": 0,
+        "seed": 42,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "lora_embedding_kernel": False,
+    }
+    if atp is not None:
+        cfg["plugins"] = ["axolotl_atp.ATPPlugin"]
+        cfg["atp"] = atp
+    cfg.update(overrides)
+    return cfg
+
+
+def run_cli(args: list[str], log: Path) -> tuple[str, float, float]:
+    """Run a CLI from this venv; keep its output in `log`; fail loudly.
+
+    Returns (output, seconds, peak resident memory in MB of the process and its children, sampled every 0.1 s).
+    """
+    import psutil
+
+    exe = Path(sys.executable).parent / args[0]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [str(exe), *args[1:]], env={**os.environ, **OFFLINE}, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+        parent = psutil.Process(proc.pid)
+        peak = 0.0
+        while proc.poll() is None:
+            try:
+                rss = parent.memory_info().rss + sum(c.memory_info().rss for c in parent.children(recursive=True))
+                peak = max(peak, rss / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+    seconds = time.time() - started
+    output = log.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed; see {log}\n{output[-3000:]}")
+    return output, seconds, peak
+
+
+def train(cfg: dict, name: str) -> tuple[str, dict]:
+    """`axolotl train` on `cfg`; returns the log and the final metrics plus `peak_rss_mb`."""
+    path = Path(cfg["output_dir"]).parent / f"{name}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log, _, peak = run_cli(["axolotl", "train", str(path), "--launcher", "python"], path.with_suffix(".log"))
+    return log, {**final_metrics(log), "peak_rss_mb": peak}
+
+
+def logged_rows(log: str) -> list[dict]:
+    rows = []
+    for match in re.finditer(r"\{'(?:loss|train_runtime)': [^{}]*\}", log):
+        row = ast.literal_eval(match.group(0))
+        rows.append({k: float(v) for k, v in row.items() if isinstance(v, str | int | float)})
+    return rows
+
+
+def final_metrics(log: str) -> dict:
+    rows = [r for r in logged_rows(log) if "train_runtime" in r]
+    return rows[-1] if rows else {}
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def record(section: str, body: str, command: str) -> None:
+    """Replace (or add) `## section` in RESULTS.md with `body`, stamped with date, machine and command."""
+    stamp = f"_Measured {datetime.date.today().isoformat()} on {machine()}._  \n_Reproduce: `{command}`_\n\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nFigures measured on this project's machines.\n"
+    )
+    block = f"## {section}\n\n{stamp}{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(block + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text)
+
+
+def dump(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")

@@ -1,0 +1,102 @@
+"""Training overhead of ATP against plain LoRA and plain QLoRA on the same config (real SmolLM2-135M).
+
+Per adapter, three runs of N optimizer steps, one after the other: plain; ATP with the generator training
+for N-1 steps (control phase); ATP frozen after 1 step. Solving the two ATP runs for the per-step time of
+each phase gives the control-phase and after-freeze step times, reported as ratios to the plain run.
+
+    python benchmarks/training_overhead.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, assets, dump, pubmed_subset, record, smollm2_config, train
+
+
+def phase_times(total_control: float, total_frozen: float, steps: int) -> tuple[float, float]:
+    """Per-step seconds (control, frozen) from T_c = (N-1)c + f and T_f = c + (N-1)f."""
+    m = steps - 1
+    det = m * m - 1
+    return (m * total_control - total_frozen) / det, (m * total_frozen - total_control) / det
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="8 steps of 2x128 tokens instead of 30 of 4x256")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not write RESULTS.md")
+    args = parser.parse_args()
+    steps, shape = (8, dict(micro_batch_size=2, sequence_len=128)) if args.quick else (30, {})
+    model, pubmed = assets()
+    work = ROOT / "benchmarks" / "work" / "overhead"
+    data = pubmed_subset(pubmed, work / "data.jsonl", 1500)
+    atp = {"prune_ratio": 0.4, "calibration_size": 32, "mlp_round_to": 8}
+    runs = {}
+    variants = [("lora", {}), ("qlora", {"adapter": "qlora", "load_in_4bit": True})]
+    for adapter, extra in variants:
+        plans = {
+            "plain": None,
+            "atp_control": {**atp, "control_steps": steps - 1},
+            "atp_frozen": {**atp, "control_steps": 1},
+        }
+        if adapter == "lora":
+            plans["atp_control_loss_mode"] = {
+                **atp,
+                "control_steps": steps - 1,
+                "group_lasso": "loss",
+                "group_lasso_strength": 0.01,
+            }
+            plans["atp_frozen_loss_mode"] = {
+                **atp,
+                "control_steps": 1,
+                "group_lasso": "loss",
+                "group_lasso_strength": 0.01,
+            }
+        for name, plan in plans.items():
+            key = f"{adapter}_{name}"
+            cfg = smollm2_config(model, data, work / key, atp=plan, max_steps=steps, **shape, **extra)
+            _, metrics = train(cfg, key)
+            runs[key] = {"train_runtime": metrics["train_runtime"], "peak_rss_mb": metrics["peak_rss_mb"]}
+            print(key, runs[key], flush=True)
+
+    lines = ["| run | per-step s | ratio to plain | peak RSS MB | RSS ratio |", "|---|---|---|---|---|"]
+    summary = {}
+    for adapter, _ in variants:
+        plain = runs[f"{adapter}_plain"]
+        base_step = plain["train_runtime"] / steps
+        lines.append(f"| {adapter} plain | {base_step:.2f} | 1.00 | {plain['peak_rss_mb']:.0f} | 1.00 |")
+        for mode in ("", "_loss_mode"):
+            if f"{adapter}_atp_control{mode}" not in runs:
+                continue
+            c_run, f_run = runs[f"{adapter}_atp_control{mode}"], runs[f"{adapter}_atp_frozen{mode}"]
+            control, frozen = phase_times(c_run["train_runtime"], f_run["train_runtime"], steps)
+            gl = "loss" if mode else "prox"
+            summary[f"{adapter}_{gl}"] = {"control_ratio": control / base_step, "frozen_ratio": frozen / base_step}
+            for label, step_s, run in (("control phase", control, c_run), ("after freeze", frozen, f_run)):
+                lines.append(
+                    f"| {adapter} ATP, {label}, group_lasso {gl} | {step_s:.2f} | {step_s / base_step:.2f} | "
+                    f"{run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] / plain['peak_rss_mb']:.2f} |"
+                )
+    table = "\n".join(lines)
+    print(table)
+    dump(work / "results.json", {"steps": steps, "runs": runs, "summary": summary})
+    if not args.no_record:
+        mode = "quick" if args.quick else "full"
+        body = (
+            f"{steps} optimizer steps per run ({'2x128' if args.quick else '4x256'} tokens per step), LoRA r=16 on all "
+            "seven projections, prune_ratio 0.4, CPU fp32. Peak RSS is the training process's resident memory "
+            "(CPU runs have no GPU memory to report).\n\n" + table
+        )
+        record(
+            f"Training overhead ({mode})",
+            body,
+            f"python benchmarks/training_overhead.py{' --quick' if args.quick else ''}",
+        )
+
+
+if __name__ == "__main__":
+    main()
