@@ -16,15 +16,10 @@ from typing import Any
 
 import yaml
 
+from axolotl_atp.assets import OFFLINE_ENV as OFFLINE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-}
 
 
 def assets() -> tuple[Path, Path]:
@@ -93,7 +88,11 @@ def run_cli(args: list[str], log: Path) -> tuple[str, float, float]:
     started = time.time()
     with log.open("w") as sink:
         proc = subprocess.Popen(
-            [str(exe), *args[1:]], env={**os.environ, **OFFLINE}, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT
+            [str(exe), *args[1:]],
+            env={**os.environ, **OFFLINE, "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         parent = psutil.Process(proc.pid)
         peak = 0.0

@@ -13,17 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+from axolotl_atp.assets import OFFLINE_ENV as OFFLINE
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo-output"
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
-EVAL_TOKENS = 16_384
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-}
+EVAL_TOKENS = 8_192
 
 
 def run(args: list[str]) -> float:
@@ -31,8 +26,28 @@ def run(args: list[str]) -> float:
     print(f"\n$ {' '.join(args)}", flush=True)
     started = time.time()
     exe = Path(sys.executable).parent / args[0]
-    subprocess.run([str(exe), *args[1:]], check=True, env={**os.environ, **OFFLINE}, cwd=ROOT)
+    # The venv's bin first on PATH: `axolotl train` launches `accelerate` from there.
+    env = {**os.environ, **OFFLINE, "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run([str(exe), *args[1:]], check=True, env=env, cwd=ROOT)
     return time.time() - started
+
+
+def masked_perplexity(model_dir: Path, run_dir: Path, ids) -> float:
+    """The trained model before export: base + merged LoRA with the frozen hard masks as hooks."""
+    from transformers import AutoConfig
+
+    from axolotl_atp.architectures import spec_for
+    from axolotl_atp.evaluation import perplexity
+    from axolotl_atp.export.verify import reference_model
+    from axolotl_atp.masks_io import read_masks
+    from axolotl_atp.structures import ModelGeometry
+
+    config = AutoConfig.from_pretrained(model_dir)
+    spec = spec_for(config.model_type)
+    geo = ModelGeometry.from_config(config, spec)
+    decision, _ = read_masks(run_dir / "atp_masks.json", geo, config.model_type)
+    model, _ = reference_model(model_dir, run_dir, spec, geo, decision, nf4_dtype=None)
+    return perplexity(model, ids, desc="masked")
 
 
 def main() -> None:
@@ -47,8 +62,8 @@ def main() -> None:
     # 3,000 abstracts are more than the run reads; tokenizing all 17k would only cost time.
     subset = OUT / "pubmed-train-subset.jsonl"
     subset.write_text("".join((pubmed / "train.jsonl").read_text().splitlines(keepends=True)[:3000]))
-    text = EXAMPLE.read_text().replace("CACHE/pubmed/train.jsonl", str(subset))
-    text = text.replace("CACHE", str(cache_dir())).replace("demo-output/", f"{OUT}/")
+    text = EXAMPLE.read_text().replace("demo-output/", f"{OUT}/")
+    text = text.replace("CACHE/pubmed/train.jsonl", str(subset)).replace("CACHE", str(cache_dir()))
     config.write_text(text)
 
     train_s = run(["axolotl", "train", str(config)])
@@ -70,6 +85,7 @@ def main() -> None:
         "params_pruned": pruned.num_parameters(),
         "ppl_base": perplexity(base, ids, desc="base"),
         "ppl_pruned_export": perplexity(pruned, ids, desc="export"),
+        "ppl_masked_before_export": masked_perplexity(model_dir, OUT / "run", ids),
         "eval_tokens": int(ids.numel()),
         "train_seconds": round(train_s, 1),
         "merge_seconds": round(merge_s, 1),
@@ -90,6 +106,7 @@ def main() -> None:
         f"  held-out PubMed PPL {results['ppl_base']:>12.2f} (base) -> {results['ppl_pruned_export']:.2f} "
         f"(pruned export), {results['eval_tokens']:,} tokens"
     )
+    print(f"  masked model before export: PPL {results['ppl_masked_before_export']:.2f}")
     print(f"  export vs. masked model: max |logit diff| {results['max_abs_logit_diff']:.2e}")
     print(f"  time: train {train_s:.0f} s, merge {merge_s:.0f} s, total {results['total_seconds']:.0f} s")
     print(f"  model: {export}\n  results: {OUT / 'demo_results.json'}")

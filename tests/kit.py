@@ -13,14 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from axolotl_atp.assets import OFFLINE_ENV
 
 WORDS = [
     "the",
@@ -215,8 +208,8 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a CLI (e.g. `axolotl train cfg.yml`) from this venv in a subprocess, offline."""
-    env = {**os.environ, **OFFLINE_ENV}
-    env.pop("ACCELERATE_USE_CPU", None)
     bindir = Path(sys.executable).parent
+    env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("ACCELERATE_USE_CPU", None)
     exe = str(bindir / args[0]) if (bindir / args[0]).exists() else args[0]
     return subprocess.run([exe, *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -253,3 +253,21 @@ def test_generator_learns_important_channels():
     live_kept = len(kept & set(range(48))) / 48
     dead_kept = len(kept & set(range(48, 96))) / 48
     assert live_kept > dead_kept + 0.15, (live_kept, dead_kept)  # chance: equal fractions
+
+
+def test_non_finite_loss_stops_with_step_and_term():
+    from axolotl_atp.controller import NonFiniteError
+
+    peft_model = lora_model("llama")
+    ctl = ATPController(peft_model, ATPConfig(prune_ratio=0.3), total_steps=10, peak_lr=1e-3, seed=0)
+
+    def nan_loss():
+        return peft_model(input_ids=torch.randint(0, 64, (1, 8))).logits.sum() * float("nan")
+
+    with pytest.raises(NonFiniteError, match=r"calibration loss is nan at optimizer step 3"):
+        ctl.generator_step(nan_loss, 3)
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+    ctl.hard_masks = {s: torch.zeros_like(m) for s, m in ctl.hard_masks.items()}  # every group pruned
+    with pytest.raises(NonFiniteError, match=r"group-lasso norm is (inf|nan) at optimizer step 4"):
+        ctl.end_step(4)

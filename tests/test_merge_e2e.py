@@ -103,6 +103,9 @@ CASES = [
     ("llama", "qlora", "uniform"),
     ("llama_mha", "lora", "uniform"),
     ("llama_mha", "qlora", "per_layer"),
+    ("mistral", "lora", "uniform"),
+    ("qwen2", "lora", "per_layer"),
+    ("qwen3", "qlora", "uniform"),
 ]
 
 
@@ -127,8 +130,9 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
     assert loaded["generated"].shape == (1, 11)
     if layout == "uniform":
         config = json.loads((export / "config.json").read_text())
-        assert config["model_type"] == "llama" and "auto_map" not in config
-        assert loaded["class"] == "LlamaForCausalLM"
+        model_type = family.split("_")[0]
+        assert config["model_type"] == model_type and "auto_map" not in config
+        assert loaded["class"].lower() == f"{model_type}forcausallm"
         assert config["intermediate_size"] == len(masks["layers"][0]["mlp"])
     else:
         assert loaded["class"] == "ATPPrunedForCausalLM"

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 from pathlib import Path
 
 import pytest
 
+from benchmarks.common import logged_rows
 from tests.kit import base_config, run_cli, write_config
 
 pytestmark = [pytest.mark.real, pytest.mark.e2e]
-
-
-def logged_metrics(log: str) -> list[dict]:
-    """The trainer's per-step log dicts, as printed by axolotl."""
-    rows = []
-    for match in re.finditer(r"\{'loss': [^{}]*\}", log):
-        row = ast.literal_eval(match.group(0))
-        rows.append({k: float(v) for k, v in row.items() if isinstance(v, str | int | float)})
-    return rows
 
 
 def test_smollm2_pubmed_short_run_budget_falls_and_merges(tmp_path, smollm2, pubmed):
@@ -43,7 +33,7 @@ def test_smollm2_pubmed_short_run_budget_falls_and_merges(tmp_path, smollm2, pub
     result = run_cli(["axolotl", "train", str(write_config(tmp_path / "cfg.yml", cfg)), "--launcher", "python"])
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
-    rows = [r for r in logged_metrics(log) if "atp/budget_loss" in r]
+    rows = [r for r in logged_rows(log) if "atp/budget_loss" in r]
     assert len(rows) >= 8
     budget = [r["atp/budget_loss"] for r in rows]
     print("budget loss per generator step:", [round(b, 3) for b in budget])
