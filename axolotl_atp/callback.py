@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,50 +11,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.calibration import CalibrationSampler
 from axolotl_atp.controller import ATPController
-from axolotl_atp.gates import MaskMode, base_layer_of, unwrap_base_model
+from axolotl_atp.gates import MaskMode, base_layer_of, count_parameters
 from axolotl_atp.log import get_logger
 from axolotl_atp.masks_io import decision_to_json, write_json_atomic
-from axolotl_atp.structures import prunable_module_names
+from axolotl_atp.state import load_state, save_state
 
 LOG = get_logger(__name__)
-
-STATE_FILE = "atp_state.pt"
-
-
-class ATPStateError(RuntimeError):
-    """A checkpoint's ATP state is missing or unreadable."""
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the base model, LoRA excluded, 4-bit weights counted at their unpacked size."""
-    seen: set[int] = set()
-    total = 0
-    for name, module in unwrap_base_model(model).named_modules():
-        if "lora_" in name:
-            continue
-        for param in module.parameters(recurse=False):
-            if id(param) in seen:  # tied embeddings
-                continue
-            seen.add(id(param))
-            packed = type(param).__name__ == "Params4bit"
-            total += module.in_features * module.out_features if packed else param.numel()
-    return total
-
-
-def load_state(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / STATE_FILE
-    if not path.is_file():
-        raise ATPStateError(
-            f"{checkpoint} has no {STATE_FILE}: the checkpoint was written without ATP state (or its save was "
-            "interrupted). Resuming would restart the pruning-decision generator and change the decision. Fix: "
-            "resume from an earlier checkpoint that has the file, or start the run again."
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or corrupt file surfaces as many error types
-        raise ATPStateError(
-            f"{path} is corrupt ({type(err).__name__}: {err}). Fix: resume from an earlier checkpoint."
-        ) from err
 
 
 class ATPCallback(TrainerCallback):
@@ -131,11 +92,7 @@ class ATPCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.controller is None or not state.is_world_process_zero:
             return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint / f".{STATE_FILE}.tmp-{os.getpid()}"
-        torch.save(self.controller.state_dict(), tmp)
-        os.replace(tmp, checkpoint / STATE_FILE)
+        save_state(self.controller.state_dict(), Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.controller is None:
@@ -156,7 +113,6 @@ class ATPCallback(TrainerCallback):
             base_model=self.base_model,
         )
         data["group_lasso"] = {"mode": self.atp_cfg.group_lasso, "pruned_slice_norm": c.lasso.pruned_norm(c.hard_masks)}
-        data["prunable_modules"] = len(prunable_module_names(c.spec, c.geo))
         path = Path(args.output_dir) / self.atp_cfg.masks_file
         write_json_atomic(data, path)
         LOG.info(

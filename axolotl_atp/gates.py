@@ -44,6 +44,22 @@ def base_layer_of(module: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else module
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the base model, LoRA excluded, 4-bit weights counted at their unpacked size."""
+    seen: set[int] = set()
+    total = 0
+    for name, module in unwrap_base_model(model).named_modules():
+        if "lora_" in name:
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:  # tied embeddings
+                continue
+            seen.add(id(param))
+            packed = type(param).__name__ == "Params4bit"
+            total += module.in_features * module.out_features if packed else param.numel()
+    return total
+
+
 class MaskedModel:
     """Installs the mask hooks on one model and holds the masks they read."""
 

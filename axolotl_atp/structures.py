@@ -145,12 +145,3 @@ class ParameterCounter:
 
     def remaining_ratio(self, masks: Masks) -> torch.Tensor:
         return self.remaining(masks) / self.prunable_total
-
-
-def prunable_module_names(spec: ArchitectureSpec, geo: ModelGeometry) -> list[str]:
-    """Full module names (from the base model's root) of every prunable Linear."""
-    names = []
-    for layer in range(geo.num_layers):
-        for refs in slice_refs(spec, geo).values():
-            names.extend(f"{spec.layers_path}.{layer}.{ref.module}" for ref in refs)
-    return names

@@ -27,10 +27,11 @@ def phase_times(total_control: float, total_frozen: float, steps: int) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="8 steps of 2x128 tokens instead of 30 of 4x256")
+    parser.add_argument("--quick", action="store_true", help="6 steps of 2x128 tokens instead of 12 of 2x256")
     parser.add_argument("--no-record", action="store_true", help="print only; do not write RESULTS.md")
     args = parser.parse_args()
-    steps, shape = (8, dict(micro_batch_size=2, sequence_len=128)) if args.quick else (30, {})
+    steps = 6 if args.quick else 12
+    shape = {"micro_batch_size": 2, "sequence_len": 128 if args.quick else 256}
     model, pubmed = assets()
     work = ROOT / "benchmarks" / "work" / "overhead"
     data = pubmed_subset(pubmed, work / "data.jsonl", 1500)
@@ -87,7 +88,7 @@ def main() -> None:
     if not args.no_record:
         mode = "quick" if args.quick else "full"
         body = (
-            f"{steps} optimizer steps per run ({'2x128' if args.quick else '4x256'} tokens per step), LoRA r=16 on all "
+            f"{steps} optimizer steps per run (2x{shape['sequence_len']} tokens per step), LoRA r=16 on all "
             "seven projections, prune_ratio 0.4, CPU fp32. Peak RSS is the training process's resident memory "
             "(CPU runs have no GPU memory to report).\n\n" + table
         )

@@ -123,7 +123,7 @@ def test_resume_without_atp_state_is_refused(tmp_path, tiny_llama, tiny_data):
 
 @pytest.mark.parametrize("corrupt", [b"", b"not a torch file"])
 def test_corrupt_atp_state_is_refused(tmp_path, corrupt):
-    from axolotl_atp.callback import ATPStateError, load_state
+    from axolotl_atp.state import ATPStateError, load_state
 
     (tmp_path / "atp_state.pt").write_bytes(corrupt)
     with pytest.raises(ATPStateError, match="is corrupt"):
