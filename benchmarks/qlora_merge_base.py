@@ -66,7 +66,9 @@ def main() -> None:
         "calibration_size": 32,
         "mlp_round_to": 8,
     }
-    cfg = smollm2_config(model_dir, data, work, atp=atp, adapter="qlora", load_in_4bit=True, max_steps=steps)
+    cfg = smollm2_config(
+        model_dir, data, work, atp=atp, adapter="qlora", load_in_4bit=True, max_steps=steps, micro_batch_size=2
+    )
     train(cfg, "qlora")
     cfg_path = work / "qlora.yml"
     run = Path(cfg["output_dir"])
