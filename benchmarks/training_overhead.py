@@ -90,7 +90,8 @@ def main() -> None:
         body = (
             f"{steps} optimizer steps per run (2x{shape['sequence_len']} tokens per step), LoRA r=16 on all "
             "seven projections, prune_ratio 0.4, CPU fp32. Peak RSS is the training process's resident memory "
-            "(CPU runs have no GPU memory to report). The per-phase step times are solved from two runs (N-1 control steps + 1 frozen, and 1 + N-1), so differences of about 10% are within run-to-run noise on these shared machines. The control-phase cost is one extra forward and backward pass per step (the generator's calibration batch, the size of a micro-batch); `generator_interval: 2` halves it.\n\n" + table
+            "(CPU runs have no GPU memory to report). The per-phase step times are solved from two runs (N-1 control steps + 1 frozen, and 1 + N-1), so differences of about 10% are within run-to-run noise on these shared machines. The control-phase cost is one extra forward and backward pass per step (the generator's calibration batch, the size of a micro-batch); `generator_interval: 2` halves it.\n\n"
+            + table
         )
         record(
             f"Training overhead ({mode})",
