@@ -52,6 +52,19 @@ SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec(family="qwen2", model_types=("qwen2",), qkv_bias=True, o_bias=False, mlp_bias=False),
     # Qwen3's per-head q/k RMSNorm acts on head_dim, shared by all heads: it stays whole.
     ArchitectureSpec(family="qwen3", model_types=("qwen3",), mlp_bias=False),
+    # Phi-3: fused qkv_proj (q rows, then k, then v) and fused gate_up_proj (gate rows, then up).
+    ArchitectureSpec(
+        family="phi3",
+        model_types=("phi3",),
+        qkv="self_attn.qkv_proj",
+        gate_up="mlp.gate_up_proj",
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+    ),
+    # Gemma 2 / 3: explicit head_dim, extra pre/post norms (hidden-sized, untouched), GeGLU MLP.
+    ArchitectureSpec(family="gemma2", model_types=("gemma2",), mlp_bias=False),
+    ArchitectureSpec(family="gemma3", model_types=("gemma3_text",), mlp_bias=False),
 )
 
 

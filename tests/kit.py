@@ -127,10 +127,15 @@ TINY = {
 }
 
 
+TINY["phi3"] = dict(TINY["llama"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY["gemma2"] = dict(TINY["llama"], head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+TINY["gemma3_text"] = dict(TINY["llama"], head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+
+
 def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     from transformers import AutoConfig
 
-    model_type = family.split("_")[0]
+    model_type = family.removesuffix("_mha")
     kwargs = dict(TINY[family], vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=False)
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)

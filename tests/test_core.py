@@ -20,8 +20,8 @@ from axolotl_atp.group_lasso import GroupLasso
 from axolotl_atp.structures import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
 from tests.kit import tiny_config
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
 
 
 def tiny(family: str = "llama", seed: int = 0, **overrides):
