@@ -28,7 +28,7 @@ class ATPConfig(BaseModel):
 
     # A misspelled key inside `atp:` is an error, not silently dropped. This config lives only on the
     # nested model, so it does not leak into axolotl's own schema.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prune_ratio: float = Field(
         default=0.3,

@@ -111,7 +111,7 @@ def read_masks(path: Path, geo: ModelGeometry, model_type: str) -> tuple[Decisio
             f"{path} has {n} layers but the model has {geo.num_layers}. Fix: merge with the base model the "
             "run was trained on."
         )
-    saved_geo = data.get("geometry") or {}
+    saved_geo = data.get("geometry") if isinstance(data.get("geometry"), dict) else {}
     for key in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
         if saved_geo.get(key) != getattr(geo, key):
             raise MasksFileError(
