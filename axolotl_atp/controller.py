@@ -116,9 +116,7 @@ class ATPController:
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.generator_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        new_hard = {s: (m.detach() >= 0.5).float() for s, m in hard.items()}
-        flips = sum(int((new_hard[s] != self.hard_masks[s].to(new_hard[s].device)).sum()) for s in new_hard)
-        self.hard_masks = new_hard
+        flips = self._replace_hard_masks({s: (m.detach() >= 0.5).float() for s, m in hard.items()})
         self.generator_steps += 1
         self.metrics.update(
             {
@@ -147,11 +145,15 @@ class ATPController:
             minimum={HEADS: cfg.min_heads_per_layer, MLP: cfg.min_mlp_channels_per_layer},
             accept_heads=stock_config_accepts_heads(self.geo) if cfg.layout == "uniform" else None,
         )
-        new_hard = self.decision.masks(self.device)
-        self.metrics["atp/mask_flips"] = float(sum(int((new_hard[s] != self.hard_masks[s]).sum()) for s in new_hard))
-        self.hard_masks = new_hard
+        self.metrics["atp/mask_flips"] = float(self._replace_hard_masks(self.decision.masks(self.device)))
         self.metrics["atp/frozen"] = 1.0
         return self.decision
+
+    def _replace_hard_masks(self, new_hard: Masks) -> int:
+        """Use `new_hard` for the LoRA steps; return how many group decisions flipped."""
+        flips = sum(int((new_hard[s] != self.hard_masks[s].to(new_hard[s].device)).sum()) for s in new_hard)
+        self.hard_masks = new_hard
+        return flips
 
     def lasso_threshold(self, step: int) -> float:
         """Prox threshold after optimizer step `step`; infinite at the last step, so pruned slices end at 0."""

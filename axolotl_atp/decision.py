@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from axolotl_atp.structures import HEADS, MLP, STRUCTURES, Masks, ModelGeometry, ParameterCounter
+from axolotl_atp.structures import HEADS, STRUCTURES, Masks, ModelGeometry, ParameterCounter
 
 
 class BudgetError(ValueError):
@@ -143,6 +143,3 @@ def stock_config_accepts_heads(geo: ModelGeometry) -> Callable[[int], bool]:
     """transformers 5.16's configs refuse a hidden_size that is not a multiple of num_attention_heads,
     even with head_dim set: only KV-head counts whose query-head count divides hidden_size export."""
     return lambda kv: geo.hidden_size % (kv * geo.group_size) == 0
-
-
-__all__ = ["HEADS", "MLP", "BudgetError", "Decision", "allowed_counts", "freeze_decision", "stock_config_accepts_heads"]
