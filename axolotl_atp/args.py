@@ -6,6 +6,7 @@ model is loaded, so a bad config fails in seconds with a message that names the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -110,6 +111,17 @@ class ATPConfig(BaseModel):
     masks_file: str = Field(
         default="atp_masks.json", description="File name, inside `output_dir`, of the frozen decision."
     )
+    lora_aware: bool = Field(
+        default=True,
+        description="`true`: LoRA steps zero only the base outputs of pruned groups; their LoRA slices stay "
+        "live and the group lasso drives them to zero (ATP). `false`: LoRA steps see plain hard masks, the "
+        "pruned groups removed entirely (the paper's ablation; pair it with `group_lasso: off`).",
+    )
+    decision_file: str | None = Field(
+        default=None,
+        description="A masks file (e.g. another run's `atp_masks.json`) used as the fixed decision from the "
+        "first step: no generator is trained, and its layout and prune_ratio are the run's.",
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ATPConfig:
@@ -130,7 +142,23 @@ class ATPConfig(BaseModel):
                 f"atp.calibration_size = {self.calibration_size}: a value of 1 or more is a row count "
                 "and must be a whole number. Fix: use a fraction below 1 or an integer."
             )
+        if self.decision_file is not None:
+            self._adopt_decision_file()
         return self
+
+    def _adopt_decision_file(self) -> None:
+        """Take layout and prune_ratio from the decision file; refuse explicit values that disagree."""
+        from axolotl_atp.masks_io import peek_masks_header
+
+        header = peek_masks_header(Path(self.decision_file))
+        for key in ("layout", "prune_ratio"):
+            value = header[key]
+            if key in self.model_fields_set and getattr(self, key) != value:
+                raise ValueError(
+                    f"atp.{key} = {getattr(self, key)!r} but atp.decision_file ({self.decision_file}) was made "
+                    f"with {key} {value!r}. Fix: remove atp.{key} (the file's value is used) or use another file."
+                )
+            setattr(self, key, value)
 
 
 class ATPArgs(BaseModel):

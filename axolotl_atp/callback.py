@@ -50,13 +50,18 @@ class ATPCallback(TrainerCallback):
         self.controller = ATPController(
             model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
         )
-        batch_size = self.atp_cfg.calibration_batch_size or args.per_device_train_batch_size
-        self.sampler = CalibrationSampler(self.calibration_dataset, self.trainer.data_collator, batch_size, self.seed)
+        if self.calibration_dataset is not None:
+            batch_size = self.atp_cfg.calibration_batch_size or args.per_device_train_batch_size
+            self.sampler = CalibrationSampler(
+                self.calibration_dataset, self.trainer.data_collator, batch_size, self.seed
+            )
         if state.global_step > 0:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             self.controller.load_state_dict(load_state(checkpoint))
             LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
         c = self.controller
+        if self.atp_cfg.decision_file is not None:
+            LOG.info("axolotl-atp: fixed decision from %s; no generator is trained", self.atp_cfg.decision_file)
         down_proj = c.masked.layers[0].get_submodule(c.spec.down)
         LOG.info(
             "axolotl-atp: %d layers (base Linear class %s), %s; prunable parameters %d; target prune ratio "
@@ -89,7 +94,16 @@ class ATPCallback(TrainerCallback):
         # Evaluation between steps sees the hard-masked model, as the export will be.
         self.controller.masked.set_masks(self.controller.hard_masks, MaskMode.FULL)
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        # Before the trainer writes the checkpoint (and rotates old ones), so that a checkpoint whose
+        # trainer_state.json exists always has its ATP state, wherever a kill lands.
+        if control.should_save:
+            self._save_state(args, state)
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._save_state(args, state)  # again, for saves outside the step loop (e.g. per epoch)
+
+    def _save_state(self, args: TrainingArguments, state: TrainerState) -> None:
         if self.controller is None or not state.is_world_process_zero:
             return
         save_state(self.controller.state_dict(), Path(args.output_dir) / f"checkpoint-{state.global_step}")

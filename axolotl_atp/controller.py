@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts
 from axolotl_atp.gates import MaskedModel, MaskMode, unwrap_base_model
 from axolotl_atp.generator import PruningDecisionGenerator, decision_scores, gumbel_sigmoid
 from axolotl_atp.group_lasso import GroupLasso, ramp
+from axolotl_atp.masks_io import MasksFileError, read_masks
 from axolotl_atp.structures import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
 
 STATE_VERSION = 1
@@ -79,6 +81,23 @@ class ATPController:
         self.decision: Decision | None = None
         self.generator_steps = 0
         self.metrics: dict[str, float] = {}
+        if cfg.decision_file is not None:
+            self._use_decision_file(Path(cfg.decision_file))
+        # ATP's LoRA-aware forward, or plain hard masks (the ablation) during the LoRA steps.
+        self.lora_step_mode = MaskMode.LORA_AWARE if cfg.lora_aware else MaskMode.FULL
+
+    def _use_decision_file(self, path: Path) -> None:
+        """A fixed decision from step 0 (e.g. a static-importance baseline): the generator is not trained."""
+        decision, _ = read_masks(path, self.geo, self.model_type)
+        for s, layers in decision.kept.items():
+            if s not in self.structures and any(len(k) < self.geo.num_groups(s) for k in layers):
+                raise MasksFileError(
+                    f"{path} prunes {s}, which atp.structures ({self.structures}) does not list. Fix: add {s} to "
+                    "atp.structures."
+                )
+        self.decision = Decision(kept={s: decision.kept[s] for s in self.structures}, geo=self.geo)
+        self.hard_masks = self.decision.masks(self.device)
+        self.control_steps = 0
 
     # ----- phases ---------------------------------------------------------------------------
     @property
@@ -95,7 +114,7 @@ class ATPController:
             self.freeze()
         elif self.in_control(step) and calibration_loss is not None and step % self.cfg.generator_interval == 0:
             self.generator_step(calibration_loss, step)
-        self.masked.set_masks(self.hard_masks, MaskMode.LORA_AWARE)
+        self.masked.set_masks(self.hard_masks, self.lora_step_mode)
 
     def generator_step(self, calibration_loss: Callable[[], torch.Tensor], step: int) -> None:
         """One generator update: CE on a calibration batch with soft masks + budget loss; LoRA frozen."""

@@ -86,8 +86,19 @@ def _index_list(value: Any, size: int, where: str, path: Path) -> list[int]:
     return sorted(value)
 
 
-def read_masks(path: Path, geo: ModelGeometry, model_type: str) -> tuple[Decision, dict[str, Any]]:
-    """Read and validate a masks file against the model it will be applied to."""
+def peek_masks_header(path: Path) -> dict[str, Any]:
+    """The layout and prune_ratio of a masks file, checked before any model is loaded."""
+    data = _load(path)
+    layout, ratio = data.get("layout"), data.get("prune_ratio")
+    if layout not in ("per_layer", "uniform") or not isinstance(ratio, int | float) or not 0 < ratio < 1:
+        raise MasksFileError(
+            f"{path}: layout {layout!r} / prune_ratio {ratio!r} are not valid. Fix: point at the `atp_masks.json` "
+            "of a run."
+        )
+    return {"layout": layout, "prune_ratio": float(ratio)}
+
+
+def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MasksFileError(
             f"{path} not found. It is written at the end of `axolotl train` with the ATP plugin. Fix: train "
@@ -99,6 +110,12 @@ def read_masks(path: Path, geo: ModelGeometry, model_type: str) -> tuple[Decisio
         raise MasksFileError(f"{path} is not valid JSON ({err}). Fix: re-run training to rewrite it.") from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise MasksFileError(f"{path} is not an axolotl-atp masks file. Fix: point at the `atp_masks.json` of a run.")
+    return data
+
+
+def read_masks(path: Path, geo: ModelGeometry, model_type: str) -> tuple[Decision, dict[str, Any]]:
+    """Read and validate a masks file against the model it will be applied to."""
+    data = _load(path)
     if data.get("model_type") != model_type:
         raise MasksFileError(
             f"{path} was made for model_type {data.get('model_type')!r}, not {model_type!r}. Fix: merge with "

@@ -7,6 +7,7 @@ no half-written model and never touches the adapter or checkpoints.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
@@ -88,6 +89,36 @@ def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
         raise MergeError(f"{out} exists and is not empty. Fix: pass --overwrite to replace it, or --output-dir.")
 
 
+def disk_full(err: BaseException) -> bool:
+    """ENOSPC from Python I/O, or as safetensors' Rust writer reports it."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(err) or "StorageFull" in str(err)
+
+
+def export_bytes_estimate(base: Any, removed_params: int) -> int:
+    """The export's size: the base checkpoint's tensor bytes less the removed weights (same dtypes)."""
+    from safetensors import safe_open
+
+    total, element = 0, 4
+    for path in sorted(set(base.files.values())):
+        total += path.stat().st_size
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                if key.endswith("down_proj.weight"):
+                    element = {"F32": 4, "F16": 2, "BF16": 2}.get(f.get_slice(key).get_dtype(), 4)
+    return max(0, total - removed_params * element)
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise MergeError(
+            f"{folder} has {free / 2**30:.2f} GiB free but the export needs about {needed / 2**30:.2f} GiB. Nothing "
+            "was written. Fix: free space, or pass --output-dir on a disk with room."
+        )
+
+
 def copy_tokenizer(sources: list[Path], out: Path) -> Path:
     for source in sources:
         if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():
@@ -145,6 +176,10 @@ def run_merge(
     config_out = uniform_config(base_config, decision, geo) if layout == "uniform" else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    base = BaseCheckpoint(base_dir)
+    counter = ParameterCounter(geo, slice_refs(spec, geo))
+    removed = counter.prunable_total - counter.remaining_from_counts(decision.counts())
+    check_free_space(out.parent, export_bytes_estimate(base, removed))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -157,7 +192,7 @@ def run_merge(
             layout,
             weights_choice,
         )
-        stats = write_pruned_weights(BaseCheckpoint(base_dir), adapter, tmp, spec, geo, decision, nf4_dtype)
+        stats = write_pruned_weights(base, adapter, tmp, spec, geo, decision, nf4_dtype)
         merge_seconds = time.time() - started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if config_out is not None:
@@ -200,7 +235,6 @@ def run_merge(
             LOG.info("axolotl-atp: export verified: max |logit difference| %.3g (tolerance %.3g)", max_diff, tolerance)
 
         kv, mlp = widths(decision, geo)
-        counter = ParameterCounter(geo, slice_refs(spec, geo))
         prunable_after = counter.remaining_from_counts(decision.counts())
         report = {
             "base_model": str(cfg.base_model),
@@ -239,8 +273,14 @@ def run_merge(
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(err):
+            raise MergeError(
+                f"the disk under {out.parent} filled up while writing the export ({err}). The partial export was "
+                f"removed{' and ' + str(out) + ' is unchanged' if out.exists() else ''}. Fix: free space, or pass "
+                "--output-dir on a disk with room."
+            ) from err
         raise
     LOG.info(
         "axolotl-atp: wrote %s: %d -> %d parameters (%.1f%% of all removed), merge %.1f s, peak RSS %.0f MB",

@@ -54,10 +54,28 @@ class ATPPlugin(BasePlugin):
         )
         spec_for(model_config.model_type)
 
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        if atp_config(cfg) is None or cfg.resume_from_checkpoint or not cfg.auto_resume_from_checkpoints:
+            return
+        from pathlib import Path
+
+        from axolotl_atp.state import last_complete_checkpoint
+
+        # axolotl's auto-resume takes the newest checkpoint folder, even one whose save was killed
+        # midway; resume from the newest complete one instead (the others are left as they are).
+        checkpoint, skipped = last_complete_checkpoint(Path(cfg.output_dir))
+        if skipped:
+            LOG.warning(
+                "axolotl-atp: skipping checkpoint(s) whose save was interrupted: %s", ", ".join(map(str, skipped))
+            )
+        if checkpoint is not None:
+            cfg.resume_from_checkpoint = str(checkpoint)
+            LOG.info("axolotl-atp: resuming from the last complete checkpoint %s", checkpoint)
+
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
         atp_cfg = atp_config(cfg)
-        if preprocess or atp_cfg is None:
-            return None
+        if preprocess or atp_cfg is None or atp_cfg.decision_file is not None:
+            return None  # a fixed decision needs no calibration rows
         from axolotl.common.datasets import TrainDatasetMeta, load_datasets
         from axolotl.utils.trainer import calculate_total_num_steps
 
@@ -81,7 +99,7 @@ class ATPPlugin(BasePlugin):
         from axolotl_atp.loss import add_group_lasso_to_loss
 
         calibration = self.calibration_dataset
-        if calibration is None:
+        if calibration is None and atp_cfg.decision_file is None:
             # Datasets were loaded without this plugin's hook (e.g. `axolotl.train.train` called directly).
             trainer.train_dataset, calibration = split_calibration(
                 trainer.train_dataset, atp_cfg.calibration_size, run_seed(cfg, atp_cfg)

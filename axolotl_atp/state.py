@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 STATE_FILE = "atp_state.pt"
+# The HF Trainer writes this last when it saves a checkpoint: without it the save was interrupted.
+TRAINER_STATE_FILE = "trainer_state.json"
 
 
 class ATPStateError(RuntimeError):
@@ -17,10 +21,42 @@ class ATPStateError(RuntimeError):
 
 def save_state(state: dict[str, Any], checkpoint: Path) -> None:
     """Write through a temporary file and a rename: a crash mid-save leaves no half-written state."""
-    checkpoint.mkdir(parents=True, exist_ok=True)
     tmp = checkpoint / f".{STATE_FILE}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, checkpoint / STATE_FILE)
+    try:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, checkpoint / STATE_FILE)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        free = shutil.disk_usage(checkpoint).free if checkpoint.exists() else None  # before freeing the tmp file
+        tmp.unlink(missing_ok=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < 2**20)
+        where = f"; {free / 2**20:.1f} MiB free there" if free is not None else ""
+        raise ATPStateError(
+            f"could not write {checkpoint / STATE_FILE} ({err}{where}).{' The disk is full.' if full else ''} Fix: "
+            "free space or set `output_dir` on a disk with room; the run can resume from its last complete checkpoint."
+        ) from err
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint's save finished: the trainer's state (written last) and ATP's are both there."""
+    return (checkpoint / TRAINER_STATE_FILE).is_file() and (checkpoint / STATE_FILE).is_file()
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-N` folders of a run, by step."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def last_complete_checkpoint(output_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest complete checkpoint, and the newer ones whose save was interrupted."""
+    found = checkpoints(output_dir)
+    skipped: list[Path] = []
+    for checkpoint in reversed(found):
+        if is_complete(checkpoint):
+            return checkpoint, skipped
+        skipped.append(checkpoint)
+    return None, skipped
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
@@ -29,7 +65,7 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
         raise ATPStateError(
             f"{checkpoint} has no {STATE_FILE}: the checkpoint was written without ATP state (or its save was "
             "interrupted). Resuming would restart the pruning-decision generator and change the decision. Fix: "
-            "resume from an earlier checkpoint that has the file, or start the run again."
+            f"resume from an earlier checkpoint that has the file{_earlier(checkpoint)}, or start the run again."
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -37,3 +73,11 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
         raise ATPStateError(
             f"{path} is corrupt ({type(err).__name__}: {err}). Fix: resume from an earlier checkpoint."
         ) from err
+
+
+def _earlier(checkpoint: Path) -> str:
+    step = int(checkpoint.name.split("-")[-1]) if checkpoint.name.split("-")[-1].isdigit() else None
+    if step is None:
+        return ""
+    earlier = [c for c in checkpoints(checkpoint.parent) if int(c.name.split("-")[-1]) < step and is_complete(c)]
+    return f" (the newest is {earlier[-1]})" if earlier else ""

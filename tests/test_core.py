@@ -271,3 +271,72 @@ def test_non_finite_loss_stops_with_step_and_term():
     ctl.hard_masks = {s: torch.zeros_like(m) for s, m in ctl.hard_masks.items()}  # every group pruned
     with pytest.raises(NonFiniteError, match=r"group-lasso norm is (inf|nan) at optimizer step 4"):
         ctl.end_step(4)
+
+
+def _masks_file(tmp_path, peft_model, layout: str, ratio: float):
+    from axolotl_atp.masks_io import decision_to_json, write_json_atomic
+
+    spec, geo = geometry(peft_model.get_base_model())
+    decision = Decision(kept=random_kept(geo, 7, uniform=layout == "uniform"), geo=geo)
+    counter = ParameterCounter(geo, slice_refs(spec, geo))
+    data = decision_to_json(
+        decision, model_type="llama", prune_ratio=ratio, layout=layout, structures=[HEADS, MLP], counter=counter
+    )
+    path = tmp_path / "decision.json"
+    write_json_atomic(data, path)
+    return path, decision
+
+
+def test_decision_file_fixes_the_decision_from_step_zero(tmp_path):
+    """A static decision (the two-stage baseline's path): no generator step, the masks never move."""
+    peft_model = lora_model("llama")
+    path, decision = _masks_file(tmp_path, peft_model, "uniform", 0.35)
+    cfg = ATPConfig(decision_file=str(path), lora_aware=False, group_lasso="off")
+    assert (cfg.layout, cfg.prune_ratio) == ("uniform", 0.35)  # adopted from the file
+    ctl = ATPController(peft_model, cfg, total_steps=6, peak_lr=1e-3, seed=0)
+    before = copy.deepcopy(ctl.generator.state_dict())
+
+    def calibration_loss():
+        raise AssertionError("no generator step may run with a fixed decision")
+
+    for step in range(6):
+        ctl.begin_step(step, calibration_loss)
+        assert ctl.masked.mode is MaskMode.FULL  # lora_aware: false = plain hard masks in LoRA steps
+        ctl.end_step(step)
+    assert ctl.finish().kept == decision.kept
+    assert all(torch.equal(before[k], v) for k, v in ctl.generator.state_dict().items())
+
+
+def test_decision_file_conflicts_and_bad_files_are_refused(tmp_path):
+    from pydantic import ValidationError
+
+    path, _ = _masks_file(tmp_path, lora_model("llama"), "per_layer", 0.3)
+    with pytest.raises(ValidationError, match=r"atp.layout = 'uniform' but atp.decision_file .* layout 'per_layer'"):
+        ATPConfig(decision_file=str(path), layout="uniform")
+    with pytest.raises(ValidationError, match=r"atp.prune_ratio = 0.5 .* prune_ratio 0.3"):
+        ATPConfig(decision_file=str(path), prune_ratio=0.5)
+    with pytest.raises(ValidationError, match=r"not found"):
+        ATPConfig(decision_file=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValidationError, match=r"not an axolotl-atp masks file"):
+        ATPConfig(decision_file=str(tmp_path / "bad.json"))
+    # A decision for another model is refused when the controller meets the model.
+    other = lora_model("llama_mha")
+    with pytest.raises(ValueError, match=r"Fix: merge with the base model"):
+        ATPController(other, ATPConfig(decision_file=str(path)), total_steps=4, peak_lr=1e-3, seed=0)
+
+
+def test_atp_state_write_error_names_the_file_and_fix(tmp_path, monkeypatch):
+    """The full-disk path without a real small disk: an ENOSPC from the writer."""
+    import errno
+
+    from axolotl_atp import state as state_module
+
+    def no_space(obj, path):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module.torch, "save", no_space)
+    with pytest.raises(state_module.ATPStateError, match=r"No space left on device.*The disk is full\. Fix"):
+        state_module.save_state({"x": 1}, tmp_path / "checkpoint-1")
+    assert list((tmp_path / "checkpoint-1").iterdir()) == []

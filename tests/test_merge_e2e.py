@@ -262,3 +262,38 @@ def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
         run_merge_in_process(cfg, tmp_path, "e", output_dir=str(out))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
+
+
+def test_merge_refuses_an_output_disk_without_room(trained_run, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from axolotl_atp import merge as merge_module
+
+    _, _, cfg = trained_run
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "export"
+    with pytest.raises(merge_module.MergeError, match=r"GiB free but the export needs about .* Nothing was written"):
+        run_merge_in_process(cfg, tmp_path, "f", output_dir=str(out))
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
+
+
+def test_merge_on_a_disk_that_fills_up(trained_run, tmp_path, small_disk, monkeypatch):
+    """The disk fills after the free-space check (another process writing): a clear error, nothing left."""
+    from axolotl_atp import merge as merge_module
+
+    _, _, cfg = trained_run
+    monkeypatch.setattr(merge_module, "check_free_space", lambda folder, needed: None)
+    out = small_disk / "export"
+    with pytest.raises(merge_module.MergeError, match=r"filled up while writing the export .*No space left"):
+        run_merge_in_process(cfg, tmp_path, "g", output_dir=str(out))
+    assert list(small_disk.iterdir()) == []
+
+
+def test_atp_state_on_a_full_disk(small_disk):
+    from axolotl_atp.state import ATPStateError, save_state
+
+    state = {"generator": torch.zeros(1_000_000)}  # 4 MB on a 1 MiB disk
+    with pytest.raises(ATPStateError, match=r"could not write .*atp_state.pt .*The disk is full\. Fix: free space"):
+        save_state(state, small_disk / "checkpoint-3")
+    assert [p.name for p in (small_disk / "checkpoint-3").iterdir()] == []

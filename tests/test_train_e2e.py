@@ -90,23 +90,92 @@ def test_group_lasso_loss_mode(tmp_path, tiny_llama, tiny_data):
     assert read_masks(run)["group_lasso"]["mode"] == "loss"
 
 
-def test_resume_restores_generator_and_masks(tmp_path, tiny_llama, tiny_data):
-    common = dict(save_strategy="steps", save_steps=2, atp={"prune_ratio": 0.3, "control_steps": 4})
-    full, _ = train(tmp_path / "a", tiny_llama, tiny_data, **common)
+RESUME = dict(
+    max_steps=8,
+    save_strategy="steps",
+    save_steps=1,
+    save_total_limit=10,
+    auto_resume_from_checkpoints=True,
+    atp={"prune_ratio": 0.3, "control_steps": 4},
+)
 
-    # A run that "died" after its step-2 checkpoint: only that checkpoint survives.
-    resumed_dir = tmp_path / "b"
-    (resumed_dir / "run").mkdir(parents=True)
-    shutil.copytree(full / "checkpoint-2", resumed_dir / "run" / "checkpoint-2")
-    resumed, log = train(
-        resumed_dir, tiny_llama, tiny_data, resume_from_checkpoint=str(resumed_dir / "run" / "checkpoint-2"), **common
-    )
-    assert "restored generator, masks and decision" in log
-    assert read_masks(resumed)["layers"] == read_masks(full)["layers"]
-    a = load_file(full / "adapter_model.safetensors")
-    b = load_file(resumed / "adapter_model.safetensors")
+
+def same_adapter(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama, tiny_data) -> Path:
+    """The reference: 8 steps, the masks freeze at step 4, a checkpoint after every step."""
+    run, _ = train(tmp_path_factory.mktemp("uninterrupted"), tiny_llama, tiny_data, **RESUME)
+    return run
+
+
+def interrupt_after(full: Path, dest: Path, step: int, partial_save: bool) -> None:
+    """What a kill leaves: the checkpoints up to `step`; with `partial_save`, the next one half-written
+    (the adapter only: no optimizer, trainer state or ATP state)."""
+    dest.mkdir(parents=True)
+    for n in range(1, step + 1):
+        shutil.copytree(full / f"checkpoint-{n}", dest / f"checkpoint-{n}")
+    if partial_save:
+        half = dest / f"checkpoint-{step + 1}"
+        half.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(full / f"checkpoint-{step + 1}" / name, half / name)
+
+
+@pytest.mark.parametrize(
+    ("point", "step", "partial_save"),
+    [("during the control phase", 2, False), ("right after the freeze", 5, False), ("while saving", 5, True)],
+)
+def test_killed_run_resumes_to_the_same_masks_and_adapter(
+    tmp_path, tiny_llama, tiny_data, uninterrupted, point, step, partial_save
+):
+    interrupt_after(uninterrupted, tmp_path / "run", step, partial_save)
+    resumed, log = train(tmp_path, tiny_llama, tiny_data, **RESUME)  # auto-resume, as after a crash
+    assert f"restored generator, masks and decision from {tmp_path / 'run' / f'checkpoint-{step}'}" in log
+    if partial_save:
+        assert (
+            f"skipping checkpoint(s) whose save was interrupted: {tmp_path / 'run' / f'checkpoint-{step + 1}'}" in log
+        )
+    assert read_masks(resumed)["layers"] == read_masks(uninterrupted)["layers"], point
+    same_adapter(uninterrupted, resumed)
+
+
+def test_sigkill_mid_run_then_auto_resume(tmp_path, tiny_llama, tiny_data, uninterrupted):
+    """A real SIGKILL wherever it lands after the second checkpoint; the resumed run ends the same."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.kit import OFFLINE_ENV
+
+    cfg = write_config(tmp_path / "cfg.yml", base_config(tiny_llama, tiny_data, tmp_path, **RESUME))
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        [str(bindir / "axolotl"), "train", str(cfg), "--launcher", "python"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "atp_masks.json").exists(), "the run finished before the kill"
+    resumed, log = train(tmp_path, tiny_llama, tiny_data, name="resume", **RESUME)
+    assert "restored generator, masks and decision" in log
+    assert read_masks(resumed)["layers"] == read_masks(uninterrupted)["layers"]
+    same_adapter(uninterrupted, resumed)
 
 
 def test_resume_without_atp_state_is_refused(tmp_path, tiny_llama, tiny_data):
