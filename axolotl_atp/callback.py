@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from axolotl_atp import distributed
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.calibration import CalibrationSampler
 from axolotl_atp.controller import ATPController
@@ -34,7 +35,10 @@ class ATPCallback(TrainerCallback):
     # --- helpers -------------------------------------------------------------------------------
     def _calibration_loss(self) -> torch.Tensor:
         assert self.sampler is not None and self.controller is not None
-        batch = self.trainer._prepare_inputs(self.sampler.batch(self.controller.generator_steps))
+        # Data parallel: rank r of w draws batch k*w + r at generator step k, so the ranks see different
+        # rows and their averaged gradient is that of a w-times bigger batch (one process: batch k, as before).
+        index = self.controller.generator_steps * distributed.world_size() + distributed.rank()
+        batch = self.trainer._prepare_inputs(self.sampler.batch(index))
         with self.trainer.compute_loss_context_manager():
             return self.trainer.model(**batch).loss
 
@@ -45,7 +49,28 @@ class ATPCallback(TrainerCallback):
                 store(dict(self.controller.metrics), train_eval="train")
 
     # --- events --------------------------------------------------------------------------------
+    def _log_rank_masks(self, step: int) -> None:
+        """Data parallel: each rank logs the fingerprint of the masks it trains with, when they change."""
+        c = self.controller
+        if c is None or not distributed.is_distributed():
+            return
+        if step == 0 or c.metrics.get("atp/mask_flips", 0.0) > 0:
+            LOG.info(
+                "axolotl-atp: rank %d of %d uses hard masks %s from step %d",
+                distributed.rank(),
+                distributed.world_size(),
+                distributed.masks_digest(c.hard_masks),
+                step,
+                main_process_only=False,
+            )
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if getattr(self.trainer, "is_fsdp_enabled", False) or getattr(self.trainer, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "axolotl-atp: the trainer runs under FSDP or DeepSpeed (from the axolotl config or the accelerate "
+                "config), which ATP does not support: the generator's masks hook into unsharded LoRA layers. "
+                "Fix: launch plain data parallel (accelerate `distributed_type: MULTI_GPU`, or torchrun) or one GPU."
+            )
         model = self.trainer.model
         self.controller = ATPController(
             model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
@@ -78,6 +103,7 @@ class ATPCallback(TrainerCallback):
         if self.controller.frozen and not was_frozen:
             counts = self.controller.decision.counts() if self.controller.decision else {}
             LOG.info("axolotl-atp: masks frozen at step %d; kept per layer: %s", state.global_step, counts)
+        self._log_rank_masks(state.global_step)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -100,7 +126,15 @@ class ATPCallback(TrainerCallback):
         c = self.controller
         decision = c.finish()
         c.masked.set_masks(c.hard_masks, MaskMode.FULL)
-        if not state.is_world_process_zero:
+        if distributed.is_distributed():
+            LOG.info(
+                "axolotl-atp: rank %d of %d ends with decision %s",
+                distributed.rank(),
+                distributed.world_size(),
+                distributed.kept_digest(decision.kept),
+                main_process_only=False,
+            )
+        if not state.is_world_process_zero:  # only rank 0 writes ATP files
             return
         data = decision_to_json(
             decision,
