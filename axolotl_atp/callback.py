@@ -49,6 +49,13 @@ class ATPCallback(TrainerCallback):
                 store(dict(self.controller.metrics), train_eval="train")
 
     # --- events --------------------------------------------------------------------------------
+    @staticmethod
+    def _writer(state: TrainerState) -> bool:
+        """Only global rank 0 writes ATP files. The process-group rank is checked too: a process group
+        that the Trainer does not know about (e.g. torchrun on CPUs without ACCELERATE_USE_CPU) would
+        otherwise make every rank "process zero"."""
+        return state.is_world_process_zero and distributed.rank() == 0
+
     def _log_rank_masks(self, step: int) -> None:
         """Data parallel: each rank logs the fingerprint of the masks it trains with, when they change."""
         c = self.controller
@@ -116,9 +123,12 @@ class ATPCallback(TrainerCallback):
         self.controller.masked.set_masks(self.controller.hard_masks, MaskMode.FULL)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.controller is None or not state.is_world_process_zero:
+        if self.controller is None or not self._writer(state):
             return
-        save_state(self.controller.state_dict(), Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        save_state(self.controller.state_dict(), checkpoint)
+        # Logged from whichever process writes, so a second writer would show in the log.
+        LOG.info("axolotl-atp: saved generator, masks and decision to %s", checkpoint, main_process_only=False)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.controller is None:
@@ -134,7 +144,7 @@ class ATPCallback(TrainerCallback):
                 distributed.kept_digest(decision.kept),
                 main_process_only=False,
             )
-        if not state.is_world_process_zero:  # only rank 0 writes ATP files
+        if not self._writer(state):
             return
         data = decision_to_json(
             decision,
@@ -154,4 +164,5 @@ class ATPCallback(TrainerCallback):
             path,
             data["params"]["achieved_prune_ratio"],
             self.atp_cfg.prune_ratio,
+            main_process_only=False,
         )
