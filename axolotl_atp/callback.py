@@ -72,12 +72,14 @@ class ATPCallback(TrainerCallback):
             )
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if getattr(self.trainer, "is_fsdp_enabled", False) or getattr(self.trainer, "is_deepspeed_enabled", False):
-            raise ValueError(
-                "axolotl-atp: the trainer runs under FSDP or DeepSpeed (from the axolotl config or the accelerate "
-                "config), which ATP does not support: the generator's masks hook into unsharded LoRA layers. "
-                "Fix: launch plain data parallel (accelerate `distributed_type: MULTI_GPU`, or torchrun) or one GPU."
-            )
+        for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+            if getattr(self.trainer, flag, False):
+                raise ValueError(
+                    f"axolotl-atp: the trainer runs under {name} (trainer.{flag} = True, from the axolotl or the "
+                    "accelerate config), which ATP does not support: its masks hook into unsharded LoRA layers. "
+                    "Fix: launch plain data parallel (accelerate `distributed_type: MULTI_GPU`, or torchrun) or "
+                    "use one GPU."
+                )
         model = self.trainer.model
         self.controller = ATPController(
             model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed

@@ -181,3 +181,18 @@ def test_helpers_are_no_ops_on_one_process():
     distributed.check_same([torch.ones(2)], "masks", "now")
     masks = {"mlp_channels": torch.tensor([[1.0, 0.0, 1.0]])}
     assert distributed.masks_digest(masks) == distributed.kept_digest({"mlp_channels": [[0, 2]]})
+
+
+@pytest.mark.parametrize(("flag", "name"), [("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")])
+def test_a_trainer_under_fsdp_or_deepspeed_is_stopped_when_training_begins(flag, name):
+    """The last line of defence when FSDP/DeepSpeed came from somewhere the config validation cannot see."""
+    from types import SimpleNamespace
+
+    from axolotl_atp.args import ATPConfig
+    from axolotl_atp.callback import ATPCallback
+
+    callback = ATPCallback(SimpleNamespace(**{flag: True}), ATPConfig(), None, seed=0, base_model=None)
+    with pytest.raises(
+        ValueError, match=rf"runs under {name} \(trainer.{flag} = True.*Fix: launch plain data parallel"
+    ):
+        callback.on_train_begin(SimpleNamespace(), SimpleNamespace(), SimpleNamespace())
