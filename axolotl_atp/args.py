@@ -6,6 +6,7 @@ model is loaded, so a bad config fails in seconds with a message that names the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -230,9 +231,9 @@ def check_axolotl_config(cfg: Any) -> None:
         )
     unsupported = {
         "sample_packing": "set `sample_packing: false` (packed rows are not supported by ATP yet)",
-        "deepspeed": "remove `deepspeed` (DeepSpeed is not supported by ATP yet; use one GPU or DDP)",
-        "fsdp": "remove `fsdp` (FSDP is not supported by ATP yet; use one GPU or DDP)",
-        "fsdp_config": "remove `fsdp_config` (FSDP is not supported by ATP yet; use one GPU or DDP)",
+        "deepspeed": "remove `deepspeed` (DeepSpeed is not supported by ATP yet; use one GPU or plain DDP)",
+        "fsdp": "remove `fsdp` (FSDP is not supported by ATP yet; use one GPU or plain DDP)",
+        "fsdp_config": "remove `fsdp_config` (FSDP is not supported by ATP yet; use one GPU or plain DDP)",
         "relora": "remove `relora` (ReLoRA merges adapters mid-run, which ATP's masks do not follow)",
         "peft_use_dora": "remove `peft_use_dora` (DoRA's magnitude vector is not masked by ATP yet)",
         "lora_target_parameters": "remove `lora_target_parameters` (only LoRA on Linear modules is supported)",
@@ -246,6 +247,16 @@ def check_axolotl_config(cfg: Any) -> None:
             continue
         if value:
             raise ValueError(f"{key} = {value!r} is not supported with ATP. Fix: {fix}.")
+    # `accelerate launch` with an accelerate config of `distributed_type: FSDP` or `DEEPSPEED` turns them on
+    # through the environment, whatever the axolotl config says.
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        value = os.environ.get(var, "")
+        if value.lower() in ("true", "1", "yes"):
+            raise ValueError(
+                f"the environment has {var}={value} (set by `accelerate launch` from an accelerate config with "
+                f"{what}), which is not supported with ATP. Fix: launch with an accelerate config of "
+                "`distributed_type: MULTI_GPU` (plain DDP), or with torchrun, or on one GPU."
+            )
     max_steps = cfg.get("max_steps")
     atp = cfg.get("atp") or {}
     control_steps = atp.get("control_steps") if isinstance(atp, dict) else None

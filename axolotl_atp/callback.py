@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from axolotl_atp import distributed
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.calibration import CalibrationSampler
 from axolotl_atp.controller import ATPController
@@ -30,11 +31,15 @@ class ATPCallback(TrainerCallback):
         self.base_model = base_model
         self.controller: ATPController | None = None
         self.sampler: CalibrationSampler | None = None
+        self._saved_step: int | None = None
 
     # --- helpers -------------------------------------------------------------------------------
     def _calibration_loss(self) -> torch.Tensor:
         assert self.sampler is not None and self.controller is not None
-        batch = self.trainer._prepare_inputs(self.sampler.batch(self.controller.generator_steps))
+        # Data parallel: rank r of w draws batch k*w + r at generator step k, so the ranks see different
+        # rows and their averaged gradient is that of a w-times bigger batch (one process: batch k, as before).
+        index = self.controller.generator_steps * distributed.world_size() + distributed.rank()
+        batch = self.trainer._prepare_inputs(self.sampler.batch(index))
         with self.trainer.compute_loss_context_manager():
             return self.trainer.model(**batch).loss
 
@@ -45,7 +50,37 @@ class ATPCallback(TrainerCallback):
                 store(dict(self.controller.metrics), train_eval="train")
 
     # --- events --------------------------------------------------------------------------------
+    @staticmethod
+    def _writer(state: TrainerState) -> bool:
+        """Only global rank 0 writes ATP files. The process-group rank is checked too: a process group
+        that the Trainer does not know about (e.g. torchrun on CPUs without ACCELERATE_USE_CPU) would
+        otherwise make every rank "process zero"."""
+        return state.is_world_process_zero and distributed.rank() == 0
+
+    def _log_rank_masks(self, step: int) -> None:
+        """Data parallel: each rank logs the fingerprint of the masks it trains with, when they change."""
+        c = self.controller
+        if c is None or not distributed.is_distributed():
+            return
+        if step == 0 or c.metrics.get("atp/mask_flips", 0.0) > 0:
+            LOG.info(
+                "axolotl-atp: rank %d of %d uses hard masks %s from step %d",
+                distributed.rank(),
+                distributed.world_size(),
+                distributed.masks_digest(c.hard_masks),
+                step,
+                main_process_only=False,
+            )
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+            if getattr(self.trainer, flag, False):
+                raise ValueError(
+                    f"axolotl-atp: the trainer runs under {name} (trainer.{flag} = True, from the axolotl or the "
+                    "accelerate config), which ATP does not support: its masks hook into unsharded LoRA layers. "
+                    "Fix: launch plain data parallel (accelerate `distributed_type: MULTI_GPU`, or torchrun) or "
+                    "use one GPU."
+                )
         model = self.trainer.model
         self.controller = ATPController(
             model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
@@ -83,6 +118,7 @@ class ATPCallback(TrainerCallback):
         if self.controller.frozen and not was_frozen:
             counts = self.controller.decision.counts() if self.controller.decision else {}
             LOG.info("axolotl-atp: masks frozen at step %d; kept per layer: %s", state.global_step, counts)
+        self._log_rank_masks(state.global_step)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -101,12 +137,16 @@ class ATPCallback(TrainerCallback):
             self._save_state(args, state)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._save_state(args, state)  # again, for saves outside the step loop (e.g. per epoch)
+        self._save_state(args, state)  # for saves outside the step loop (e.g. per epoch)
 
     def _save_state(self, args: TrainingArguments, state: TrainerState) -> None:
-        if self.controller is None or not state.is_world_process_zero:
+        if self.controller is None or not self._writer(state) or self._saved_step == state.global_step:
             return
-        save_state(self.controller.state_dict(), Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        self._saved_step = state.global_step
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        save_state(self.controller.state_dict(), checkpoint)
+        # Logged from whichever process writes, so a second writer would show in the log.
+        LOG.info("axolotl-atp: saved generator, masks and decision to %s", checkpoint, main_process_only=False)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.controller is None:
@@ -114,7 +154,15 @@ class ATPCallback(TrainerCallback):
         c = self.controller
         decision = c.finish()
         c.masked.set_masks(c.hard_masks, MaskMode.FULL)
-        if not state.is_world_process_zero:
+        if distributed.is_distributed():
+            LOG.info(
+                "axolotl-atp: rank %d of %d ends with decision %s",
+                distributed.rank(),
+                distributed.world_size(),
+                distributed.kept_digest(decision.kept),
+                main_process_only=False,
+            )
+        if not self._writer(state):
             return
         data = decision_to_json(
             decision,
@@ -134,4 +182,5 @@ class ATPCallback(TrainerCallback):
             path,
             data["params"]["achieved_prune_ratio"],
             self.atp_cfg.prune_ratio,
+            main_process_only=False,
         )

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from axolotl_atp import distributed
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
@@ -75,6 +76,9 @@ class ATPController:
             self.generator.parameters(), lr=cfg.generator_lr, weight_decay=cfg.generator_weight_decay
         )
         self.noise = torch.Generator().manual_seed(seed)
+        # Data parallel: every rank starts from rank 0's generator and noise (no-ops on one process).
+        distributed.broadcast_module(self.generator)
+        distributed.broadcast_rng_state(self.noise, self.device)
         self.hard_masks: Masks = {
             s: torch.ones(self.geo.num_layers, self.geo.num_groups(s), device=self.device) for s in self.structures
         }
@@ -129,17 +133,28 @@ class ATPController:
         self.masked.set_masks(soft, MaskMode.FULL)
         with frozen_parameters(self.model):
             ce = calibration_loss()
-        check_finite(ce.detach(), "calibration loss", step)
+        # The mean over the ranks: the logged value, and a NaN on one rank stops all of them together.
+        ce_mean = distributed.average_scalar(ce.detach())
+        check_finite(ce_mean, "calibration loss", step)
         ce.backward()  # reaches only the mask leaves: the LoRA weights are frozen for this step
         torch.stack([budget, *self.masked.mask_gradient_terms()]).sum().backward()
+        # Data parallel: each rank drew its own calibration batch, so the mean of the ranks' gradients is
+        # the gradient of the mean of their calibration losses (a world_size-times bigger batch when the
+        # batches hold equal token counts), as DDP does for the LoRA weights. The budget term is the same
+        # on every rank. Identical gradients give identical AdamW steps, hence identical generators.
+        distributed.average_gradients(self.generator.parameters())
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.generator_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        flips = self._replace_hard_masks({s: (m.detach() >= 0.5).float() for s, m in hard.items()})
+        new_hard = {s: (m.detach() >= 0.5).float() for s, m in hard.items()}
+        when = f"after the generator step at optimizer step {step}"
+        distributed.check_same(list(self.generator.parameters()), "pruning-decision generator's parameters", when)
+        distributed.check_same([new_hard[s] for s in self.structures], "hard masks", when)
+        flips = self._replace_hard_masks(new_hard)
         self.generator_steps += 1
         self.metrics.update(
             {
-                "atp/calibration_loss": float(ce.detach()),
+                "atp/calibration_loss": float(ce_mean),
                 "atp/budget_loss": float(budget.detach()),
                 "atp/remaining_ratio": float(ratio.detach()),
                 "atp/mask_flips": float(flips),
@@ -164,7 +179,9 @@ class ATPController:
             minimum={HEADS: cfg.min_heads_per_layer, MLP: cfg.min_mlp_channels_per_layer},
             accept_heads=stock_config_accepts_heads(self.geo) if cfg.layout == "uniform" else None,
         )
-        self.metrics["atp/mask_flips"] = float(self._replace_hard_masks(self.decision.masks(self.device)))
+        frozen = self.decision.masks(self.device)
+        distributed.check_same([frozen[s] for s in self.structures], "frozen decision", "at the freeze")
+        self.metrics["atp/mask_flips"] = float(self._replace_hard_masks(frozen))
         self.metrics["atp/frozen"] = 1.0
         return self.decision
 
@@ -232,6 +249,12 @@ class ATPController:
         self.decision = Decision(kept=state["decision"], geo=self.geo) if state["decision"] else None
         self.generator_steps = int(state["generator_steps"])
         self.control_steps = int(state["control_steps"])
+        # Every rank read the checkpoint; make sure they read the same one.
+        distributed.check_same(
+            [*self.generator.parameters(), *(self.hard_masks[s] for s in self.structures)],
+            "restored generator and masks",
+            "after restoring the checkpoint",
+        )
 
 
 class frozen_parameters:  # noqa: N801 - used as a context manager

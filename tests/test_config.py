@@ -47,7 +47,12 @@ BAD_INPUTS = [
     ({"rl": "dpo"}, r"rl = 'dpo'.*supervised fine-tuning only"),
     ({"sample_packing": True}, r"sample_packing = True is not supported.*sample_packing: false"),
     ({"deepspeed": "zero2.json"}, r"deepspeed = 'zero2.json' is not supported"),
-    ({"fsdp": ["full_shard"]}, r"fsdp = \['full_shard'\] is not supported"),
+    ({"deepspeed": "zero2.json"}, r"Fix: remove `deepspeed`.*use one GPU or plain DDP"),
+    ({"fsdp": ["full_shard"]}, r"fsdp = \['full_shard'\] is not supported.*Fix: remove `fsdp`"),
+    (
+        {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+        r"fsdp_config = \{.*\} is not supported with ATP. Fix: remove `fsdp_config`",
+    ),
     ({"relora": True}, r"relora = True is not supported"),
     ({"peft_use_dora": True}, r"peft_use_dora = True is not supported"),
     ({"atp": None}, r"has no `atp:` block"),
@@ -75,6 +80,19 @@ BAD_INPUTS = [
 def test_bad_config_is_refused_with_a_message(tmp_path, tiny_llama, tiny_data, overrides, message):
     with pytest.raises(ValueError, match=message):
         load(tmp_path, tiny_llama, tiny_data, **overrides)
+
+
+@pytest.mark.parametrize(("var", "what"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_fsdp_or_deepspeed_from_the_accelerate_config_is_refused(
+    tmp_path, tiny_llama, tiny_data, monkeypatch, var, what
+):
+    """`accelerate launch` with an FSDP/DeepSpeed accelerate config sets these, whatever the axolotl config says."""
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(
+        ValueError,
+        match=rf"{var}=true .*{what}.*Fix: launch with an accelerate config of `distributed_type: MULTI_GPU`",
+    ):
+        load(tmp_path, tiny_llama, tiny_data)
 
 
 def test_cli_entry_points_show_help():

@@ -197,3 +197,74 @@ def test_corrupt_atp_state_is_refused(tmp_path, corrupt):
     (tmp_path / "atp_state.pt").write_bytes(corrupt)
     with pytest.raises(ATPStateError, match="is corrupt"):
         load_state(tmp_path)
+
+
+def test_data_parallel_on_two_cpu_processes(tmp_path, tiny_llama, tiny_data):
+    """`torchrun` with 2 CPU processes (gloo DDP): every rank trains with the same masks at every step,
+    and only rank 0 writes the checkpoint's atp_state.pt and the masks file, which hold those masks."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import torch
+
+    from axolotl_atp.distributed import kept_digest, masks_digest
+    from axolotl_atp.state import load_state
+    from tests.kit import OFFLINE_ENV
+
+    root = Path(__file__).parents[1]
+    cfg = base_config(
+        tiny_llama,
+        tiny_data,
+        tmp_path,
+        save_strategy="steps",
+        save_steps=3,
+        atp={"prune_ratio": 0.3, "control_steps": 3, "offset": 0.0},  # offset 0: the masks move from step 0
+    )
+    path = write_config(tmp_path / "cfg.yml", cfg)
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "ACCELERATE_USE_CPU": "true",  # accelerate's MULTI_CPU (gloo) data parallel
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tests.ddp_cpu_train", str(path)]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    run = Path(cfg["output_dir"])
+
+    # One trainer over two processes (not two single-process runs): one summary, one metrics line per step.
+    assert log.count("'train_runtime'") == 1, log[-4000:]
+    assert log.count("'atp/budget_loss'") == 3
+
+    used: dict[int, dict[int, str]] = {0: {}, 1: {}}
+    for rank, digest, step in re.findall(r"rank (\d) of 2 uses hard masks ([0-9a-f]+) from step (\d+)", log):
+        used[int(rank)][int(step)] = digest
+    assert used[0] and used[0] == used[1], used
+    assert {0, 1, 2, 3} <= set(used[0]), used  # the generator moved the masks each step, then the freeze
+    final = dict(re.findall(r"rank (\d) of 2 ends with decision ([0-9a-f]+)", log))
+    assert final.keys() == {"0", "1"} and final["0"] == final["1"] == used[0][3]
+
+    # Only rank 0 wrote, and the files hold the masks that both ranks used.
+    writes = re.findall(r"(\[RANK:\d\] )?axolotl-atp: (wrote|saved generator, masks and decision to) (\S+)", log)
+    assert sorted((w[1], Path(w[2]).name) for w in writes) == [
+        ("saved generator, masks and decision to", "checkpoint-3"),
+        ("saved generator, masks and decision to", "checkpoint-6"),
+        ("wrote", "atp_masks.json"),
+    ], writes
+    assert not any(w[0] for w in writes), writes  # no "[RANK:1]" writer
+    masks = read_masks(run)
+    check_masks_file(masks, 0.3)
+    kept = {
+        s: [layer["kv_heads" if s == "attention_heads" else "mlp"] for layer in masks["layers"]]
+        for s in masks["structures"]
+    }
+    assert kept_digest(kept) == final["0"]
+    state = load_state(run / "checkpoint-3")  # saved after steps 0-2: the masks of step 2
+    assert masks_digest(state["hard_masks"]) == used[0][2]
+    assert not [p.name for p in run.rglob(".atp_state.pt.tmp-*")]
+    assert isinstance(state["generator"], dict) and all(torch.isfinite(v).all() for v in state["generator"].values())
