@@ -35,8 +35,10 @@ ids = torch.tensor(json.load(open(out + ".ids.json")))
 with torch.no_grad():
     logits = model(input_ids=ids).logits
     generated = model.generate(input_ids=ids[:1, :5], max_new_tokens=6, do_sample=False)
+    image = torch.load(out + ".image.pt") if len(sys.argv) > 4 else None
+    image_logits = model(**image).logits if image else None
 torch.save({"logits": logits, "num_parameters": model.num_parameters(), "generated": generated,
-            "class": type(model).__name__}, out)
+            "class": type(model).__name__, "image_logits": image_logits}, out)
 """
 
 
@@ -71,7 +73,9 @@ def decoder_layers(model):
     return getattr(model.model, "language_model", model.model).layers
 
 
-def reference_logits(model_dir: Path, adapter_dir: Path, masks: dict, ids: torch.Tensor, nf4_base: bool):
+def reference_logits(
+    model_dir: Path, adapter_dir: Path, masks: dict, ids: torch.Tensor, nf4_base: bool, image: dict | None = None
+):
     """Base + merged LoRA with pruned heads' o_proj input columns and pruned channels' down_proj input
     columns zeroed: built from the masks file alone, without the plugin's code."""
     from peft import PeftModel
@@ -96,15 +100,25 @@ def reference_logits(model_dir: Path, adapter_dir: Path, masks: dict, ids: torch
             keep = torch.zeros(down.shape[1], dtype=torch.bool)
             keep[kept["mlp"]] = True
             down[:, ~keep] = 0.0
-        return model(input_ids=ids).logits
+        return model(input_ids=ids).logits, (model(**image).logits if image else None)
 
 
-def load_fresh(export: Path, remote: bool, ids: torch.Tensor, tmp: Path) -> dict:
+def load_fresh(export: Path, remote: bool, ids: torch.Tensor, tmp: Path, image: dict | None = None) -> dict:
     out = tmp / "loaded.pt"
     (tmp / "loaded.pt.ids.json").write_text(json.dumps(ids.tolist()))
+    if image:
+        torch.save(image, tmp / "loaded.pt.image.pt")
     env_prefix = {**OFFLINE_ENV}
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(export), "1" if remote else "0", str(out)],
+        [
+            sys.executable,
+            "-c",
+            LOAD_SCRIPT,
+            str(export),
+            "1" if remote else "0",
+            str(out),
+            *(["image"] if image else []),
+        ],
         capture_output=True,
         text=True,
         env={**__import__("os").environ, **env_prefix},
@@ -152,8 +166,13 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
     assert report["base_weights"] == ("nf4" if adapter == "qlora" else "original")
 
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    loaded = load_fresh(export, layout == "per_layer", ids, tmp_path)
-    expected = reference_logits(model_dir, Path(cfg["output_dir"]), masks, ids, nf4_base=adapter == "qlora")
+    image = image_input(model_dir) if family == "gemma3" else None
+    loaded = load_fresh(export, layout == "per_layer", ids, tmp_path, image)
+    expected, expected_image = reference_logits(
+        model_dir, Path(cfg["output_dir"]), masks, ids, nf4_base=adapter == "qlora", image=image
+    )
+    if image:  # the vision tower and projector feed the pruned language model as before
+        assert (loaded["image_logits"] - expected_image).abs().max() < 1e-4
     assert (loaded["logits"] - expected).abs().max() < 1e-4
     assert loaded["num_parameters"] == report["params_after"] < report["params_before"]
     assert loaded["generated"].shape == (1, 11)
@@ -174,6 +193,15 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
     assert report["prunable_params_before"] - report["prunable_params_after"] == (
         report["params_before"] - report["params_after"]
     )
+
+
+def image_input(model_dir: Path) -> dict:
+    """Text around one image (Gemma 3's image tokens), and random pixels."""
+    config = json.loads((model_dir / "config.json").read_text())
+    image_tokens = [config["boi_token_index"], *[config["image_token_index"]] * config["mm_tokens_per_image"]]
+    ids = torch.tensor([[5, 17, 40, *image_tokens, config["eoi_token_index"], 60, 61, 62]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "pixel_values": pixels}
 
 
 def assert_vision_tower_copied(model_dir: Path, export: Path) -> None:
