@@ -15,11 +15,20 @@ class ArchitectureSpec:
     """Module names (relative to a decoder layer) and bias rules of one model family.
 
     A fused projection (`qkv`, `gate_up`) replaces its separate parts when it is set.
+
+    A multimodal wrapper names where its language model is: `layers_path` (module path of the
+    decoder layers), `text_config` (the attribute of the top-level config that holds the decoder's
+    geometry), `keep_whole` (module prefixes that are never pruned nor given LoRA: vision tower,
+    projector) and `checkpoint_renames` (checkpoint key prefix -> module prefix, for checkpoints
+    whose keys are not the module names, as transformers writes them for these models).
     """
 
     family: str
     model_types: tuple[str, ...]
     layers_path: str = "model.layers"
+    text_config: str | None = None
+    keep_whole: tuple[str, ...] = ()
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
     q: str = "self_attn.q_proj"
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
@@ -37,6 +46,17 @@ class ArchitectureSpec:
     @staticmethod
     def has_bias(rule: str | bool, config: Any) -> bool:
         return rule if isinstance(rule, bool) else bool(getattr(config, rule, False))
+
+    def text_config_of(self, config: Any) -> Any:
+        """The config that holds the decoder's geometry (the config itself for a text-only model)."""
+        return getattr(config, self.text_config) if self.text_config else config
+
+    def module_key(self, checkpoint_key: str) -> str:
+        """The module-path name of a checkpoint tensor key (the key itself unless a rename applies)."""
+        for old, new in self.checkpoint_renames:
+            if checkpoint_key.startswith(old):
+                return new + checkpoint_key[len(old) :]
+        return checkpoint_key
 
     def attention_out_modules(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
@@ -64,7 +84,24 @@ SPECS: tuple[ArchitectureSpec, ...] = (
     ),
     # Gemma 2 / 3: explicit head_dim, extra pre/post norms (hidden-sized, untouched), GeGLU MLP.
     ArchitectureSpec(family="gemma2", model_types=("gemma2",), mlp_bias=False),
-    ArchitectureSpec(family="gemma3", model_types=("gemma3_text",), mlp_bias=False),
+    ArchitectureSpec(family="gemma3_text", model_types=("gemma3_text",), mlp_bias=False),
+    # Multimodal Gemma 3 (4B and up): the Gemma 3 text decoder under `model.language_model`, its
+    # geometry in `config.text_config`; the SigLIP vision tower and the projector are copied whole.
+    # Checkpoints (the Hub's, and what transformers 5 writes) use the pre-5.0 key names.
+    ArchitectureSpec(
+        family="gemma3",
+        model_types=("gemma3",),
+        layers_path="model.language_model.layers",
+        text_config="text_config",
+        keep_whole=("model.vision_tower", "model.multi_modal_projector"),
+        checkpoint_renames=(
+            ("language_model.lm_head.", "lm_head."),
+            ("language_model.model.", "model.language_model."),
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ),
+        mlp_bias=False,
+    ),
 )
 
 
@@ -74,6 +111,11 @@ class UnsupportedArchitectureError(ValueError):
 
 def supported_model_types() -> list[str]:
     return sorted(t for spec in SPECS for t in spec.model_types)
+
+
+def text_config_of(config: Any) -> Any:
+    """The config holding the decoder geometry of a model of a supported family."""
+    return spec_for(config.model_type).text_config_of(config)
 
 
 def spec_for(model_type: str) -> ArchitectureSpec:

@@ -32,6 +32,9 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    # multimodal models (e.g. Gemma 3): the processor, whose image part the export keeps
+    "processor_config.json",
+    "preprocessor_config.json",
 )
 # The check compares float32 logits; 16-bit exports also carry the rounding of the merged weights.
 TOLERANCE_FP32 = 1e-3
@@ -173,7 +176,7 @@ def run_merge(
     nf4_dtype = (cfg.torch_dtype or torch.float32) if weights_choice == "nf4" else None
     if isinstance(nf4_dtype, str):
         nf4_dtype = getattr(torch, nf4_dtype)
-    config_out = uniform_config(base_config, decision, geo) if layout == "uniform" else None
+    config_out = uniform_config(base_config, decision, geo, spec) if layout == "uniform" else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     base = BaseCheckpoint(base_dir)
@@ -192,13 +195,15 @@ def run_merge(
             layout,
             weights_choice,
         )
-        stats = write_pruned_weights(base, adapter, tmp, spec, geo, decision, nf4_dtype)
+        stats = write_pruned_weights(
+            base, adapter, tmp, spec, geo, decision, nf4_dtype, module_names=layout != "uniform"
+        )
         merge_seconds = time.time() - started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if config_out is not None:
             config_out.save_pretrained(tmp)
         else:
-            write_per_layer_config(base_config, decision, geo, tmp)
+            write_per_layer_config(base_config, decision, geo, spec, tmp)
         if (base_dir / "generation_config.json").is_file():
             shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
         tokenizer_source = copy_tokenizer([run_dir, Path(str(cfg.tokenizer_config or base_dir)), base_dir], tmp)

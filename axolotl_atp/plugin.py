@@ -47,12 +47,13 @@ class ATPPlugin(BasePlugin):
         from transformers import AutoConfig
 
         from axolotl_atp.architectures import spec_for
+        from axolotl_atp.lora_targets import check_lora_targets
 
-        # Refuse an unsupported family before its weights are loaded.
+        # Refuse an unsupported family, or LoRA on a part kept whole, before the weights are loaded.
         model_config = AutoConfig.from_pretrained(
             cfg.base_model_config or cfg.base_model, trust_remote_code=bool(cfg.trust_remote_code)
         )
-        spec_for(model_config.model_type)
+        check_lora_targets(cfg, model_config, spec_for(model_config.model_type))
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         if atp_config(cfg) is None or cfg.resume_from_checkpoint or not cfg.auto_resume_from_checkpoints:

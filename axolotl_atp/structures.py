@@ -37,6 +37,8 @@ class ModelGeometry:
 
     @classmethod
     def from_config(cls, config: Any, spec: ArchitectureSpec) -> ModelGeometry:
+        """Read from the decoder's config (`spec.text_config_of`: the nested text config of a multimodal model)."""
+        config = spec.text_config_of(config)
         num_heads = int(config.num_attention_heads)
         num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads

@@ -132,9 +132,54 @@ TINY["gemma2"] = dict(TINY["llama"], head_dim=16, sliding_window=16, query_pre_a
 TINY["gemma3_text"] = dict(TINY["llama"], head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
 
 
+# Multimodal Gemma 3: the tiny Gemma 3 text decoder above, a one-layer SigLIP vision tower (32x32
+# images, 8x8 patches) and the projector pooling its 16 patches into 4 image tokens.
+TINY_GEMMA3_VISION = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+)
+# Gemma 3's image tokens, appended to the tiny tokenizer (their ids lie inside the vocabulary).
+GEMMA3_IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
+def save_gemma3_processor(path: Path) -> Any:
+    """Add Gemma 3's image tokens to the tokenizer saved in `path` and save a Gemma 3 processor
+    (as the real checkpoints ship one: axolotl loads it for multimodal models); return the tokenizer."""
+    from transformers import Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    names = dict(zip(("boi_token", "eoi_token", "image_token"), GEMMA3_IMAGE_TOKENS, strict=True))
+    tok = PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=names)
+    size = {"height": TINY_GEMMA3_VISION["image_size"], "width": TINY_GEMMA3_VISION["image_size"]}
+    Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size=size), tokenizer=tok, image_seq_length=4
+    ).save_pretrained(path)
+    return tok
+
+
+# LoRA on the language model's decoder layers only (a plain list of names would also hit the
+# vision tower's q/k/v_proj): axolotl's own Gemma 3 examples use the same regex.
+GEMMA3_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
+
+
 def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     from transformers import AutoConfig
 
+    if family == "gemma3":
+        from transformers import Gemma3Config
+
+        # One sliding and one full-attention layer: the export must keep each layer's attention type.
+        layer_types = ["sliding_attention", "full_attention"]
+        text = tiny_config("gemma3_text", vocab_size, layer_types=layer_types, **overrides).to_dict()
+        boi, eoi, image = (vocab_size - len(GEMMA3_IMAGE_TOKENS) + i for i in range(len(GEMMA3_IMAGE_TOKENS)))
+        return Gemma3Config(
+            text_config=text,
+            vision_config=dict(TINY_GEMMA3_VISION, model_type="siglip_vision_model"),
+            mm_tokens_per_image=4,
+            boi_token_index=boi,
+            eoi_token_index=eoi,
+            image_token_index=image,
+            tie_word_embeddings=False,
+        )
     model_type = family.removesuffix("_mha")
     kwargs = dict(TINY[family], vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=False)
     kwargs.update(overrides)
@@ -146,6 +191,8 @@ def build_tiny_model(path: Path, family: str = "llama", seed: int = 0, **overrid
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer(path)
+    if family == "gemma3":
+        tok = save_gemma3_processor(path)
     config = tiny_config(
         family,
         len(tok),

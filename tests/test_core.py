@@ -18,10 +18,10 @@ from axolotl_atp.export.slicing import slice_layer
 from axolotl_atp.gates import MaskedModel, MaskMode
 from axolotl_atp.group_lasso import GroupLasso
 from axolotl_atp.structures import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
-from tests.kit import tiny_config
+from tests.kit import GEMMA3_LORA_TARGETS, tiny_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
-FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
+FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3"]
 
 
 def tiny(family: str = "llama", seed: int = 0, **overrides):
@@ -57,11 +57,12 @@ def physically_pruned(model, kept, spec, geo):
     """A stock model of the same family with the kept widths (uniform counts), weights sliced."""
     refs = slice_refs(spec, geo)
     cfg = copy.deepcopy(model.config)
+    text = cfg.get_text_config()  # transformers' own accessor, independent of the spec's
     kv = len(kept[HEADS][0])
-    cfg.num_key_value_heads = kv
-    cfg.num_attention_heads = kv * geo.group_size
-    cfg.head_dim = geo.head_dim
-    cfg.intermediate_size = len(kept[MLP][0])
+    text.num_key_value_heads = kv
+    text.num_attention_heads = kv * geo.group_size
+    text.head_dim = geo.head_dim
+    text.intermediate_size = len(kept[MLP][0])
     small = AutoModelForCausalLM.from_config(cfg).eval()
     state = model.state_dict()
     new_state = {}
@@ -81,11 +82,12 @@ def test_parameter_count_matches_sliced_model(family):
     model = tiny(family)
     spec, geo = geometry(model)
     counter = ParameterCounter(geo, slice_refs(spec, geo))
-    prunable = [m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
+    # (the multimodal Gemma 3's vision tower has q/k/v_proj too: they are not prunable)
+    prunable = [m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS and "vision" not in n]
     assert counter.prunable_total == sum(p.numel() for m in prunable for p in m.parameters())
     kept = random_kept(geo, seed=1, uniform=True)
     small = physically_pruned(model, kept, spec, geo)
-    small_prunable = [m for n, m in small.named_modules() if n.split(".")[-1] in TARGETS]
+    small_prunable = [m for n, m in small.named_modules() if n.split(".")[-1] in TARGETS and "vision" not in n]
     counts = {s: [len(k) for k in kept[s]] for s in kept}
     assert counter.remaining_from_counts(counts) == sum(p.numel() for m in small_prunable for p in m.parameters())
     masks = Decision(kept=kept, geo=geo).masks()
@@ -100,13 +102,47 @@ def test_qwen2_biases_are_counted_and_sliced():
 
 
 def test_unknown_architecture_is_refused():
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2' is not supported.*llama"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2' is not supported.*gemma3, gemma3_text.*llama"):
         spec_for("gpt2")
+
+
+def test_gemma3_multimodal_spec_reads_the_text_config_and_checkpoint_names(tmp_path):
+    """The geometry comes from `text_config`; every key transformers writes for the model maps to a module name."""
+    from safetensors import safe_open
+
+    from axolotl_atp.architectures import text_config_of
+
+    model = tiny("gemma3")
+    spec, geo = geometry(model)
+    assert text_config_of(model.config) is model.config.text_config
+    assert (geo.num_layers, geo.num_heads, geo.num_kv_heads, geo.head_dim, geo.intermediate_size) == (2, 4, 2, 16, 96)
+    assert len(model.get_submodule(spec.layers_path)) == geo.num_layers
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        saved = list(f.keys())
+    assert any(k.startswith("language_model.model.layers.") for k in saved)  # the pre-5.0 names
+    assert {spec.module_key(k) for k in saved} == set(model.state_dict())
+
+
+def test_lora_on_the_vision_tower_is_refused():
+    from axolotl_atp.lora_targets import check_lora_targets, decoder_lora_regex
+
+    config = tiny_config("gemma3", 64)
+    spec = spec_for("gemma3")
+    with pytest.raises(ValueError, match=r"lora_target_modules = \['q_proj', 'o_proj'\] puts LoRA on .*vision_tower"):
+        check_lora_targets({"lora_target_modules": ["q_proj", "o_proj"]}, config, spec)
+    with pytest.raises(ValueError, match=r"lora_target_linear = true .*Fix: set `lora_target_linear: false`"):
+        check_lora_targets({"lora_target_linear": True}, config, spec)
+    check_lora_targets({"lora_target_modules": GEMMA3_LORA_TARGETS}, config, spec)
+    check_lora_targets({"lora_target_modules": decoder_lora_regex(spec)}, config, spec)  # the suggested fix
+    check_lora_targets({"lora_target_modules": ["o_proj", "down_proj"]}, config, spec)  # not in SigLIP
+    check_lora_targets({"lora_target_linear": True}, tiny_config("gemma3_text", 64), spec_for("gemma3_text"))
 
 
 def lora_model(family: str, seed: int = 0):
     model = tiny(family, seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    targets = GEMMA3_LORA_TARGETS if family == "gemma3" else TARGETS  # not the vision tower
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
     torch.manual_seed(seed + 100)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():

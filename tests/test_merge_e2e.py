@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kit import OFFLINE_ENV, base_config, build_tiny_model, corpus, run_cli, write_config, write_jsonl
+from tests.kit import (
+    GEMMA3_LORA_TARGETS,
+    OFFLINE_ENV,
+    base_config,
+    build_tiny_model,
+    corpus,
+    run_cli,
+    write_config,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -26,8 +35,10 @@ ids = torch.tensor(json.load(open(out + ".ids.json")))
 with torch.no_grad():
     logits = model(input_ids=ids).logits
     generated = model.generate(input_ids=ids[:1, :5], max_new_tokens=6, do_sample=False)
+    image = torch.load(out + ".image.pt") if len(sys.argv) > 4 else None
+    image_logits = model(**image).logits if image else None
 torch.save({"logits": logits, "num_parameters": model.num_parameters(), "generated": generated,
-            "class": type(model).__name__}, out)
+            "class": type(model).__name__, "image_logits": image_logits}, out)
 """
 
 
@@ -37,6 +48,8 @@ def make_run(root: Path, family: str, adapter: str, layout: str, ratio: float = 
     extra = {"adapter": adapter, "load_in_4bit": adapter == "qlora"}
     if family == "phi3":  # fused projections
         extra["lora_target_modules"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    if family == "gemma3":  # multimodal: LoRA on the language model only
+        extra["lora_target_modules"] = GEMMA3_LORA_TARGETS
     cfg = base_config(model, data, root, atp={"prune_ratio": ratio, "control_steps": 3, "layout": layout}, **extra)
     path = write_config(root / "cfg.yml", cfg)
     result = run_cli(["axolotl", "train", str(path), "--launcher", "python"])
@@ -55,7 +68,14 @@ def nf4(weight: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state).float()
 
 
-def reference_logits(model_dir: Path, adapter_dir: Path, masks: dict, ids: torch.Tensor, nf4_base: bool):
+def decoder_layers(model):
+    """The decoder layers of a causal LM, or of the language model inside a multimodal one."""
+    return getattr(model.model, "language_model", model.model).layers
+
+
+def reference_logits(
+    model_dir: Path, adapter_dir: Path, masks: dict, ids: torch.Tensor, nf4_base: bool, image: dict | None = None
+):
     """Base + merged LoRA with pruned heads' o_proj input columns and pruned channels' down_proj input
     columns zeroed: built from the masks file alone, without the plugin's code."""
     from peft import PeftModel
@@ -64,13 +84,13 @@ def reference_logits(model_dir: Path, adapter_dir: Path, masks: dict, ids: torch
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if nf4_base:
         with torch.no_grad():
-            for module in model.model.layers.modules():
+            for module in decoder_layers(model).modules():
                 if isinstance(module, torch.nn.Linear):
                     module.weight.copy_(nf4(module.weight))
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()
     head_dim = masks["geometry"]["head_dim"]
     with torch.no_grad():
-        for layer, kept in zip(model.model.layers, masks["layers"], strict=True):
+        for layer, kept in zip(decoder_layers(model), masks["layers"], strict=True):
             o = layer.self_attn.o_proj.weight
             cols = torch.ones(o.shape[1], dtype=torch.bool)
             for head in range(masks["geometry"]["num_heads"]):
@@ -80,15 +100,25 @@ def reference_logits(model_dir: Path, adapter_dir: Path, masks: dict, ids: torch
             keep = torch.zeros(down.shape[1], dtype=torch.bool)
             keep[kept["mlp"]] = True
             down[:, ~keep] = 0.0
-        return model(input_ids=ids).logits
+        return model(input_ids=ids).logits, (model(**image).logits if image else None)
 
 
-def load_fresh(export: Path, remote: bool, ids: torch.Tensor, tmp: Path) -> dict:
+def load_fresh(export: Path, remote: bool, ids: torch.Tensor, tmp: Path, image: dict | None = None) -> dict:
     out = tmp / "loaded.pt"
     (tmp / "loaded.pt.ids.json").write_text(json.dumps(ids.tolist()))
+    if image:
+        torch.save(image, tmp / "loaded.pt.image.pt")
     env_prefix = {**OFFLINE_ENV}
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(export), "1" if remote else "0", str(out)],
+        [
+            sys.executable,
+            "-c",
+            LOAD_SCRIPT,
+            str(export),
+            "1" if remote else "0",
+            str(out),
+            *(["image"] if image else []),
+        ],
         capture_output=True,
         text=True,
         env={**__import__("os").environ, **env_prefix},
@@ -117,6 +147,8 @@ CASES = [  # every family: LoRA and QLoRA, both layouts across families, two rat
     ("gemma2", "lora", "per_layer", 0.2),
     ("gemma3_text", "lora", "per_layer", 0.35),
     ("gemma3_text", "qlora", "uniform", 0.2),
+    ("gemma3", "lora", "per_layer", 0.35),
+    ("gemma3", "qlora", "uniform", 0.2),
 ]
 
 
@@ -134,8 +166,13 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
     assert report["base_weights"] == ("nf4" if adapter == "qlora" else "original")
 
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    loaded = load_fresh(export, layout == "per_layer", ids, tmp_path)
-    expected = reference_logits(model_dir, Path(cfg["output_dir"]), masks, ids, nf4_base=adapter == "qlora")
+    image = image_input(model_dir) if family == "gemma3" else None
+    loaded = load_fresh(export, layout == "per_layer", ids, tmp_path, image)
+    expected, expected_image = reference_logits(
+        model_dir, Path(cfg["output_dir"]), masks, ids, nf4_base=adapter == "qlora", image=image
+    )
+    if image:  # the vision tower and projector feed the pruned language model as before
+        assert (loaded["image_logits"] - expected_image).abs().max() < 1e-4
     assert (loaded["logits"] - expected).abs().max() < 1e-4
     assert loaded["num_parameters"] == report["params_after"] < report["params_before"]
     assert loaded["generated"].shape == (1, 11)
@@ -144,14 +181,44 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
         base = json.loads((model_dir / "config.json").read_text())
         assert config["model_type"] == base["model_type"] and "auto_map" not in config
         assert loaded["class"] == base["architectures"][0]
-        assert config["intermediate_size"] == len(masks["layers"][0]["mlp"])
+        text = config.get("text_config", config)
+        assert text["intermediate_size"] == len(masks["layers"][0]["mlp"])
+        assert text["num_attention_heads"] == len(masks["layers"][0]["heads"])
     else:
         assert loaded["class"] == "ATPPrunedForCausalLM"
+    if family == "gemma3":
+        assert_vision_tower_copied(model_dir, export)
     achieved = report["achieved_prune_ratio"]
     assert ratio - 1e-9 <= achieved <= ratio + 0.02, achieved
     assert report["prunable_params_before"] - report["prunable_params_after"] == (
         report["params_before"] - report["params_after"]
     )
+
+
+def image_input(model_dir: Path) -> dict:
+    """Text around one image (Gemma 3's image tokens), and random pixels."""
+    config = json.loads((model_dir / "config.json").read_text())
+    image_tokens = [config["boi_token_index"], *[config["image_token_index"]] * config["mm_tokens_per_image"]]
+    ids = torch.tensor([[5, 17, 40, *image_tokens, config["eoi_token_index"], 60, 61, 62]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "pixel_values": pixels}
+
+
+def assert_vision_tower_copied(model_dir: Path, export: Path) -> None:
+    """Every base tensor outside the decoder layers and lm_head (vision tower, projector, embeddings,
+    norms) is in the export unchanged, whether under the base's key names or under module names."""
+    from safetensors.torch import load_file
+
+    from axolotl_atp.architectures import spec_for
+
+    spec = spec_for("gemma3")
+    base = {spec.module_key(k): v for k, v in load_file(model_dir / "model.safetensors").items()}
+    exported = {spec.module_key(k): v for k, v in load_file(export / "model.safetensors").items()}
+    assert set(base) == set(exported)
+    whole = [k for k in base if k.startswith(spec.keep_whole)]
+    assert len(whole) > 10 and any(".encoder.layers.0.self_attn.q_proj." in k for k in whole)
+    for key in whole:
+        assert torch.equal(base[key], exported[key]), key
 
 
 @pytest.fixture(scope="module")

@@ -61,23 +61,37 @@ def write_pruned_weights(
     decision: Decision,
     nf4_dtype: torch.dtype | None,
     max_shard_bytes: int = 2 * 1024**3,
+    module_names: bool = False,
 ) -> ExportStats:
-    """Write the merged, pruned safetensors into `out`; every tensor keeps its base dtype."""
+    """Write the merged, pruned safetensors into `out`; every tensor keeps its base dtype.
+
+    Tensors are matched to modules by their module-path names (`spec.module_key`); they are written
+    under the base checkpoint's own key names, or under the module names with `module_names` (the
+    per_layer export: its remote modeling code gets none of transformers' key renaming on load).
+    """
     refs = slice_refs(spec, geo)
     prefix = spec.layers_path + "."
+    checkpoint_key = {spec.module_key(key): key for key in base.files}
     per_layer: dict[int, list[str]] = {i: [] for i in range(geo.num_layers)}
     others: list[str] = []
-    for key in base.files:
-        if key.startswith(prefix):
-            per_layer[int(key[len(prefix) :].split(".")[0])].append(key)
+    for name in checkpoint_key:
+        if name.startswith(prefix):
+            per_layer[int(name[len(prefix) :].split(".")[0])].append(name)
         else:
-            others.append(key)
-    unknown = [m for m in adapter.factors if not m.startswith(prefix) and f"{m}.weight" not in base.files]
+            others.append(name)
+    unknown = [m for m in adapter.factors if not m.startswith(prefix) and f"{m}.weight" not in checkpoint_key]
     if unknown:
         raise CheckpointError(
             f"the adapter has LoRA on modules the base model lacks: {unknown[:3]}. Fix: merge with "
             "the base model the run was trained on."
         )
+
+    def load(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = base.get([checkpoint_key[n] for n in names])
+        return {n: tensors[checkpoint_key[n]] for n in names}
+
+    def output_key(name: str) -> str:
+        return name if module_names else checkpoint_key[name]
 
     stats = ExportStats(params_before=base.numel())
     writer = ShardWriter(out, max_shard_bytes)
@@ -96,16 +110,16 @@ def write_pruned_weights(
         merged.add(module)
         return (weight.float() + delta).to(tensor.dtype)
 
-    writer.add({key: merge(key, t, quantized=False) for key, t in base.get(others).items()})
+    writer.add({output_key(name): merge(name, t, quantized=False) for name, t in load(others).items()})
     sq_norm = 0.0
     for layer in tqdm(range(geo.num_layers), desc="atp-merge: layers", unit="layer"):
         layer_prefix = f"{prefix}{layer}."
-        tensors = {k[len(layer_prefix) :]: merge(k, t, quantized=True) for k, t in base.get(per_layer[layer]).items()}
+        tensors = {n[len(layer_prefix) :]: merge(n, t, quantized=True) for n, t in load(per_layer[layer]).items()}
         kept = {s: decision.kept[s][layer] for s in decision.kept}
         sq_norm += _pruned_lora_sq_norm(adapter, layer_prefix, refs, kept)
         sliced = slice_layer(tensors, refs, kept)
         stats.dtype = sliced[f"{refs[MLP][-1].module}.weight"].dtype
-        writer.add({layer_prefix + k: v for k, v in sliced.items()})
+        writer.add({output_key(layer_prefix + k): v for k, v in sliced.items()})
     writer.close()
     missing = set(adapter.factors) - merged
     if missing:
@@ -127,8 +141,8 @@ def widths(decision: Decision, geo: ModelGeometry) -> tuple[list[int], list[int]
     return kv, mlp
 
 
-def uniform_config(base_config: Any, decision: Decision, geo: ModelGeometry) -> Any:
-    """The base family's stock config with the (uniform) kept widths."""
+def uniform_config(base_config: Any, decision: Decision, geo: ModelGeometry, spec: ArchitectureSpec) -> Any:
+    """The base family's stock config with the (uniform) kept widths (in the text config of a multimodal model)."""
     kv, mlp = widths(decision, geo)
     if len(set(kv)) != 1 or len(set(mlp)) != 1:
         raise CheckpointError(
@@ -137,18 +151,26 @@ def uniform_config(base_config: Any, decision: Decision, geo: ModelGeometry) -> 
             "(the masks came from a per_layer run)."
         )
     config = copy.deepcopy(base_config)
-    config.num_key_value_heads = kv[0]
-    config.num_attention_heads = kv[0] * geo.group_size
-    config.head_dim = geo.head_dim
-    config.intermediate_size = mlp[0]
+    text = spec.text_config_of(config)
+    text.num_key_value_heads = kv[0]
+    text.num_attention_heads = kv[0] * geo.group_size
+    text.head_dim = geo.head_dim
+    text.intermediate_size = mlp[0]
     return config
 
 
-def write_per_layer_config(base_config: Any, decision: Decision, geo: ModelGeometry, out: Path) -> None:
-    """A config recording each layer's widths, plus the modeling code that reads it."""
+def write_per_layer_config(
+    base_config: Any, decision: Decision, geo: ModelGeometry, spec: ArchitectureSpec, out: Path
+) -> None:
+    """A config recording each layer's widths, plus the modeling code that reads it.
+
+    The remote code finds the decoder layers at `atp_layers_path` and their geometry in the
+    sub-config named `atp_text_config` (none: the config itself).
+    """
     kv, mlp = widths(decision, geo)
     base_type = base_config.model_type
     data = base_config.to_dict()
+    (data[spec.text_config] if spec.text_config else data)["head_dim"] = geo.head_dim
     data.update(
         model_type=f"atp_{base_type}",
         architectures=["ATPPrunedForCausalLM"],
@@ -158,7 +180,8 @@ def write_per_layer_config(base_config: Any, decision: Decision, geo: ModelGeome
         },
         atp_layer_num_key_value_heads=kv,
         atp_layer_intermediate_sizes=mlp,
-        head_dim=geo.head_dim,
+        atp_layers_path=spec.layers_path,
+        atp_text_config=spec.text_config,
     )
     import json
 
