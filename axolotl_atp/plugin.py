@@ -55,6 +55,16 @@ class ATPPlugin(BasePlugin):
         )
         check_lora_targets(cfg, model_config, spec_for(model_config.model_type))
 
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        if atp_config(cfg) is None:
+            return
+        from transformers import set_seed
+
+        # axolotl seeds only when the trainer is built, after the LoRA weights are initialised, so two runs
+        # with the same `seed` start from different adapters. A run killed and resumed must end where an
+        # uninterrupted run ends, so the adapter's initialisation follows `seed` too.
+        set_seed(int(cfg.seed if cfg.seed is not None else 42))
+
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         if atp_config(cfg) is None or cfg.resume_from_checkpoint or not cfg.auto_resume_from_checkpoints:
             return

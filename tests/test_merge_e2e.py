@@ -351,10 +351,12 @@ def test_merge_on_a_disk_that_fills_up(trained_run, tmp_path, small_disk, monkey
 
     _, _, cfg = trained_run
     monkeypatch.setattr(merge_module, "check_free_space", lambda folder, needed: None)
+    filler = small_disk / "other-process.bin"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 8192))  # 8 KiB left
     out = small_disk / "export"
     with pytest.raises(merge_module.MergeError, match=r"filled up while writing the export .*No space left"):
         run_merge_in_process(cfg, tmp_path, "g", output_dir=str(out))
-    assert list(small_disk.iterdir()) == []
+    assert list(small_disk.iterdir()) == [filler]
 
 
 def test_atp_state_on_a_full_disk(small_disk):
