@@ -38,6 +38,9 @@ TOKENIZER_FILES = (
 )
 # The check compares float32 logits; 16-bit exports also carry the rounding of the merged weights.
 TOLERANCE_FP32 = 1e-3
+# fp32 rounding (summation order differs once rows are removed) grows with the hidden states' magnitude:
+# heavily pruned models can carry "massive activations" in the tens of thousands.
+TOLERANCE_FP32_PER_ACTIVATION = 1e-5
 TOLERANCE_16BIT_RELATIVE = 0.05
 
 
@@ -229,8 +232,11 @@ def run_merge(
                     f"the exported model has {exported.num_parameters()} parameters but {stats.params_after} were "
                     "written: the config does not describe the weights."
                 )
-            max_diff, scale = compare_logits(reference, exported, batches)
-            tolerance = TOLERANCE_FP32 if stats.dtype == torch.float32 else TOLERANCE_16BIT_RELATIVE * max(scale, 1.0)
+            max_diff, scale, activations = compare_logits(reference, exported, batches)
+            if stats.dtype == torch.float32:
+                tolerance = max(TOLERANCE_FP32, TOLERANCE_FP32_PER_ACTIVATION * activations)
+            else:
+                tolerance = TOLERANCE_16BIT_RELATIVE * max(scale, 1.0)
             del reference, exported
             if max_diff > tolerance:
                 raise MergeError(

@@ -67,18 +67,21 @@ def reference_model(
 
 
 @torch.no_grad()
-def compare_logits(reference: Any, exported: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """(largest absolute logit difference over the real-token positions of `batches`, largest absolute
-    reference logit of the first batch: the scale a 16-bit export's tolerance is relative to)."""
-    worst, scale = 0.0, 0.0
+def compare_logits(reference: Any, exported: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
+    """(largest absolute logit difference over the real-token positions of `batches`; largest absolute
+    reference logit of the first batch, the scale a 16-bit export's tolerance is relative to; largest
+    absolute hidden state of the reference, which sets how far fp32 rounding can move the logits)."""
+    worst, scale, activations = 0.0, 0.0, 0.0
     for i, batch in enumerate(batches):
-        a = reference(**batch).logits.float()
+        out = reference(**batch, output_hidden_states=True)
+        a = out.logits.float()
         b = exported(**batch).logits.float()
         keep = batch["attention_mask"].bool()
         worst = max(worst, float((a - b).abs()[keep].max()))
+        activations = max(activations, max(float(h[keep].abs().max()) for h in out.hidden_states))
         if i == 0:
             scale = float(a.abs().max())
-    return worst, scale
+    return worst, scale, activations
 
 
 def tokenize_batches(tokenizer: Any, texts: list[str], batch_size: int = 2, max_length: int = 128) -> list[dict]:
