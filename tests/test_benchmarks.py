@@ -1,0 +1,84 @@
+"""Each benchmark's quick mode runs end to end (real SmolLM2-135M, real CLIs) and its figures are sane.
+
+The full modes make the figures in benchmarks/RESULTS.md; these runs write only into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kit import OFFLINE_ENV
+
+pytestmark = [pytest.mark.real, pytest.mark.e2e]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, work: Path) -> dict | list:
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--no-record", "--work", str(work)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "|---|" in done.stdout  # the table is printed
+    return json.loads((work / "results.json").read_text())
+
+
+def test_quality_quick(tmp_path, smollm2, pubmed):
+    runs = {r["name"]: r for r in run_quick("quality", tmp_path)["runs"]}
+    assert set(runs) == {"base", "dense-lora", "atp-0.4", "two-stage-0.4", "atp-0.4-uniform", "ablation-0.4"}
+    for r in runs.values():
+        assert math.isfinite(r["PubMed"]) and math.isfinite(r["Wikipedia"]) and r["PubMed"] > 1
+    base = runs["base"]["params"]
+    assert runs["dense-lora"]["params"] == base
+    pruned = [runs[n]["params"] for n in ("atp-0.4", "two-stage-0.4", "atp-0.4-uniform", "ablation-0.4")]
+    # Same budget for every pruned model: 40% of the prunable parameters, up to the rounding granularity.
+    assert all(0.6 * base < p < 0.8 * base for p in pruned)
+    assert max(pruned) - min(pruned) < 0.01 * base
+
+
+def test_export_speed_quick(tmp_path, smollm2, pubmed):
+    rows = run_quick("export_speed", tmp_path)
+    dense = [r for r in rows if r["layout"].startswith("dense")]
+    pruned = [r for r in rows if not r["layout"].startswith("dense")]
+    assert len(dense) == 2 and {r["layout"] for r in pruned} == {"per_layer", "uniform"}
+    for r in pruned:
+        assert r["params"] < dense[0]["params"]
+        assert r["flops_per_token"] < dense[0]["flops_per_token"]
+        assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b8"] > 0
+
+
+def test_merge_cost_quick(tmp_path, smollm2, pubmed):
+    data = run_quick("merge_cost", tmp_path)
+    assert len(data["rows"]) == 4  # two models, with and without verification
+    for r in data["rows"]:
+        assert r["seconds"] > 0 and r["peak_rss_mb"] > data["floor_mb"] > 0
+    assert max(r["shards"] for r in data["rows"]) > 1  # the random model is written in several shards
+
+
+def test_memory_estimate_adds_up():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory_estimate.py"), "--no-record"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    rows = [line.split("|")[1:3] for line in done.stdout.splitlines() if line.startswith("| ") and "GB" not in line]
+    items = [(name.strip(), float(value.strip("* "))) for name, value in rows]
+    parts = [v for n, v in items if not n.startswith(("**total", "total"))]
+    total = next(v for n, v in items if n.startswith("**total"))
+    assert abs(sum(parts) - total) < 0.1 * len(parts)
+    assert next(v for n, v in items if n.startswith("total with")) > total
