@@ -2,9 +2,10 @@
 
 For each group, the score is sum |W_ij| * ||X_j||_2 over the group's input columns of o_proj (a KV head
 with its query heads) or down_proj (an MLP channel), with ||X_j|| the norm of input column j over the
-calibration tokens. Scores are standardized per structure across all layers (as FLAP does) so heads and
-channels, and layers, compare; the decision then goes through the same exact-budget freeze as ATP's
-generator scores, so both methods prune the same structures at the same budget and layout.
+calibration tokens. Scores are standardized within each layer and structure, so the removal spreads
+evenly over the layers as in Wanda-sp (raw or globally standardized scores strip the early layers, whose
+activations are small, almost bare); the decision then goes through the same exact-budget freeze as
+ATP's generator scores, so both methods prune the same structures at the same budget and layout.
 
     python benchmarks/static_importance.py MODEL_DIR CALIBRATION.jsonl OUT.json --ratio 0.4 [--layout per_layer]
 """
@@ -20,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from axolotl_atp.architectures import spec_for
-from axolotl_atp.decision import freeze_decision, stock_config_accepts_heads
 from axolotl_atp.evaluation import read_texts
-from axolotl_atp.masks_io import decision_to_json, write_json_atomic
-from axolotl_atp.structures import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
+from axolotl_atp.masks_io import write_json_atomic
+from axolotl_atp.structures import HEADS, MLP, Masks, ModelGeometry
+from benchmarks.synthetic import write_decision
 
 
 @torch.no_grad()
@@ -55,7 +56,9 @@ def wanda_sp_scores(model: torch.nn.Module, spec, geo: ModelGeometry, batches: l
         down = layer.get_submodule(spec.down).weight.float().abs() * sq_norms[(MLP, i)].sqrt()
         mlp_rows.append(down.sum(0))
     scores[MLP] = torch.stack(mlp_rows)
-    return {s: (v - v.mean()) / v.std().clamp_min(1e-12) for s, v in scores.items()}
+    # Standardized within each layer and structure: Wanda-sp allocates the sparsity evenly over the layers
+    # (raw scores would strip the early layers, whose activations are small, almost bare).
+    return {s: (v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True).clamp_min(1e-12) for s, v in scores.items()}
 
 
 def calibration_batches(tokenizer, path: Path, rows: int, seq_len: int, batch_size: int = 4) -> list[torch.Tensor]:
@@ -87,26 +90,9 @@ def write_static_decision(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = spec_for(model.config.model_type)
     geo = ModelGeometry.from_config(model.config, spec)
-    counter = ParameterCounter(geo, slice_refs(spec, geo))
     scores = wanda_sp_scores(model, spec, geo, calibration_batches(tokenizer, calibration, rows, seq_len))
-    decision = freeze_decision(
-        scores,
-        geo,
-        counter,
-        ratio,
-        layout,
-        round_to={HEADS: 1, MLP: mlp_round_to},
-        minimum={HEADS: 1, MLP: 1},
-        accept_heads=stock_config_accepts_heads(geo) if layout == "uniform" else None,
-    )
-    data = decision_to_json(
-        decision,
-        model_type=model.config.model_type,
-        prune_ratio=ratio,
-        layout=layout,
-        structures=[HEADS, MLP],
-        counter=counter,
-        base_model=str(model_dir),
+    data = write_decision(
+        model.config, scores, out, ratio, layout, mlp_round_to=mlp_round_to, base_model=str(model_dir)
     )
     data["notes"].append(f"static Wanda-sp decision from {rows} calibration rows of {calibration.name}")
     write_json_atomic(data, out)

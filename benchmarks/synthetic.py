@@ -53,12 +53,13 @@ def write_adapter(config, folder: Path, model_dir: Path, rank: int = 16, seed: i
     lora.save_pretrained(str(folder))
 
 
-def write_random_masks(config, path: Path, ratio: float, layout: str, seed: int = 0, mlp_round_to: int = 8) -> None:
+def write_decision(
+    config, scores, path: Path, ratio: float, layout: str, *, mlp_round_to: int = 8, base_model: str | None = None
+) -> dict:
+    """A masks file for `scores` ({structure: [layers, groups]}), through the same exact-budget freeze as ATP."""
     spec = spec_for(config.model_type)
     geo = ModelGeometry.from_config(config, spec)
     counter = ParameterCounter(geo, slice_refs(spec, geo))
-    g = torch.Generator().manual_seed(seed)
-    scores = {s: torch.randn(geo.num_layers, geo.num_groups(s), generator=g) for s in (HEADS, MLP)}
     decision = freeze_decision(
         scores,
         geo,
@@ -76,8 +77,17 @@ def write_random_masks(config, path: Path, ratio: float, layout: str, seed: int 
         layout=layout,
         structures=[HEADS, MLP],
         counter=counter,
+        base_model=base_model,
     )
     write_json_atomic(data, path)
+    return data
+
+
+def write_random_masks(config, path: Path, ratio: float, layout: str, seed: int = 0) -> None:
+    geo = ModelGeometry.from_config(config, spec_for(config.model_type))
+    g = torch.Generator().manual_seed(seed)
+    scores = {s: torch.randn(geo.num_layers, geo.num_groups(s), generator=g) for s in (HEADS, MLP)}
+    write_decision(config, scores, path, ratio, layout)
 
 
 def synthetic_run(model_dir: Path, work: Path, data: Path, ratio: float, layout: str, seed: int = 0) -> Path:
