@@ -14,7 +14,7 @@ setup:
 
 test: setup
 	.venv/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup  ## unit tests only (no axolotl subprocesses, no real model)
 	$(PY) -m pytest -q -m "not e2e and not real"
