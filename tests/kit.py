@@ -161,14 +161,22 @@ def save_gemma3_processor(path: Path) -> Any:
 GEMMA3_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 
 
+def base_family(family: str) -> str:
+    """The family a test key builds: `FAMILY_tied` is FAMILY with lm_head tied to the input embeddings."""
+    return family.removesuffix("_tied")
+
+
 def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     from transformers import AutoConfig
 
+    if family.endswith("_tied"):  # as the real Gemma checkpoints: no lm_head tensor in the checkpoint
+        return tiny_config(base_family(family), vocab_size, **{**overrides, "tie_word_embeddings": True})
     if family == "gemma3":
         from transformers import Gemma3Config
 
         # One sliding and one full-attention layer: the export must keep each layer's attention type.
         layer_types = ["sliding_attention", "full_attention"]
+        tied = overrides.get("tie_word_embeddings", False)
         text = tiny_config("gemma3_text", vocab_size, layer_types=layer_types, **overrides).to_dict()
         boi, eoi, image = (vocab_size - len(GEMMA3_IMAGE_TOKENS) + i for i in range(len(GEMMA3_IMAGE_TOKENS)))
         return Gemma3Config(
@@ -178,7 +186,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
             boi_token_index=boi,
             eoi_token_index=eoi,
             image_token_index=image,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
         )
     model_type = family.removesuffix("_mha")
     kwargs = dict(TINY[family], vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=False)
@@ -191,7 +199,7 @@ def build_tiny_model(path: Path, family: str = "llama", seed: int = 0, **overrid
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer(path)
-    if family == "gemma3":
+    if base_family(family) == "gemma3":
         tok = save_gemma3_processor(path)
     config = tiny_config(
         family,

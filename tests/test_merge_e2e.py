@@ -16,6 +16,7 @@ from tests.kit import (
     GEMMA3_LORA_TARGETS,
     OFFLINE_ENV,
     base_config,
+    base_family,
     build_tiny_model,
     corpus,
     run_cli,
@@ -37,8 +38,9 @@ with torch.no_grad():
     generated = model.generate(input_ids=ids[:1, :5], max_new_tokens=6, do_sample=False)
     image = torch.load(out + ".image.pt") if len(sys.argv) > 4 else None
     image_logits = model(**image).logits if image else None
+tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
 torch.save({"logits": logits, "num_parameters": model.num_parameters(), "generated": generated,
-            "class": type(model).__name__, "image_logits": image_logits}, out)
+            "class": type(model).__name__, "image_logits": image_logits, "tied": tied}, out)
 """
 
 
@@ -48,7 +50,7 @@ def make_run(root: Path, family: str, adapter: str, layout: str, ratio: float = 
     extra = {"adapter": adapter, "load_in_4bit": adapter == "qlora"}
     if family == "phi3":  # fused projections
         extra["lora_target_modules"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    if family == "gemma3":  # multimodal: LoRA on the language model only
+    if base_family(family) == "gemma3":  # multimodal: LoRA on the language model only
         extra["lora_target_modules"] = GEMMA3_LORA_TARGETS
     cfg = base_config(model, data, root, atp={"prune_ratio": ratio, "control_steps": 3, "layout": layout}, **extra)
     path = write_config(root / "cfg.yml", cfg)
@@ -149,6 +151,10 @@ CASES = [  # every family: LoRA and QLoRA, both layouts across families, two rat
     ("gemma3_text", "qlora", "uniform", 0.2),
     ("gemma3", "lora", "per_layer", 0.35),
     ("gemma3", "qlora", "uniform", 0.2),
+    # lm_head tied to the input embeddings (as the real Gemma checkpoints): the checkpoint has no lm_head
+    ("gemma3_text_tied", "qlora", "per_layer", 0.35),
+    ("gemma3_tied", "lora", "per_layer", 0.35),
+    ("gemma3_tied", "qlora", "uniform", 0.2),
 ]
 
 
@@ -166,7 +172,8 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
     assert report["base_weights"] == ("nf4" if adapter == "qlora" else "original")
 
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    image = image_input(model_dir) if family == "gemma3" else None
+    multimodal = base_family(family) == "gemma3"
+    image = image_input(model_dir) if multimodal else None
     loaded = load_fresh(export, layout == "per_layer", ids, tmp_path, image)
     expected, expected_image = reference_logits(
         model_dir, Path(cfg["output_dir"]), masks, ids, nf4_base=adapter == "qlora", image=image
@@ -176,6 +183,9 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
     assert (loaded["logits"] - expected).abs().max() < 1e-4
     assert loaded["num_parameters"] == report["params_after"] < report["params_before"]
     assert loaded["generated"].shape == (1, 11)
+    assert loaded["tied"] == family.endswith("_tied")
+    if loaded["tied"]:  # no lm_head tensor in the base, none written
+        assert not any("lm_head" in key for key in exported_keys(export))
     if layout == "uniform":
         config = json.loads((export / "config.json").read_text())
         base = json.loads((model_dir / "config.json").read_text())
@@ -186,13 +196,20 @@ def test_merge_export_matches_independent_reference(tmp_path, family, adapter, l
         assert text["num_attention_heads"] == len(masks["layers"][0]["heads"])
     else:
         assert loaded["class"] == "ATPPrunedForCausalLM"
-    if family == "gemma3":
+    if multimodal:
         assert_vision_tower_copied(model_dir, export)
     achieved = report["achieved_prune_ratio"]
     assert ratio - 1e-9 <= achieved <= ratio + 0.02, achieved
     assert report["prunable_params_before"] - report["prunable_params_after"] == (
         report["params_before"] - report["params_after"]
     )
+
+
+def exported_keys(export: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(export / "model.safetensors", "pt") as f:
+        return list(f.keys())
 
 
 def image_input(model_dir: Path) -> dict:
