@@ -149,10 +149,8 @@ CASES = [  # every family: LoRA and QLoRA, both layouts across families, two rat
     ("gemma2", "lora", "per_layer", 0.2),
     ("gemma3_text", "lora", "per_layer", 0.35),
     ("gemma3_text", "qlora", "uniform", 0.2),
-    ("gemma3", "lora", "per_layer", 0.35),
-    ("gemma3", "qlora", "uniform", 0.2),
-    # lm_head tied to the input embeddings (as the real Gemma checkpoints): the checkpoint has no lm_head
-    ("gemma3_text_tied", "qlora", "per_layer", 0.35),
+    # Multimodal Gemma 3 with lm_head tied to the input embeddings, as the real checkpoints (no lm_head
+    # tensor in the checkpoint); the untied text-only cases above cover the other side.
     ("gemma3_tied", "lora", "per_layer", 0.35),
     ("gemma3_tied", "qlora", "uniform", 0.2),
 ]
