@@ -18,6 +18,8 @@ from axolotl_atp.masks_io import decision_to_json, write_json_atomic
 from axolotl_atp.state import load_state, save_state
 
 LOG = get_logger(__name__)
+# Warn when the generator's sampled remaining ratio is this far above the target at the freeze.
+BUDGET_GAP_WARNING = 0.05
 
 
 class ATPCallback(TrainerCallback):
@@ -118,6 +120,16 @@ class ATPCallback(TrainerCallback):
         if self.controller.frozen and not was_frozen:
             counts = self.controller.decision.counts() if self.controller.decision else {}
             LOG.info("axolotl-atp: masks frozen at step %d; kept per layer: %s", state.global_step, counts)
+            gap = self.controller.budget_gap_at_freeze
+            if gap is not None and gap > BUDGET_GAP_WARNING:
+                LOG.warning(
+                    "axolotl-atp: when the masks froze, the generator still kept %.3f of the prunable parameters "
+                    "(target %.3f): the freeze removed the rest at once, and the LoRA steps left must recover it. "
+                    "Fix: raise atp.generator_lr or atp.control_steps so that atp/remaining_ratio reaches the "
+                    "target during the control phase.",
+                    1.0 - self.atp_cfg.prune_ratio + gap,
+                    1.0 - self.atp_cfg.prune_ratio,
+                )
         self._log_rank_masks(state.global_step)
 
     def on_optimizer_step(

@@ -85,6 +85,10 @@ class ATPController:
         self.decision: Decision | None = None
         self.generator_steps = 0
         self.metrics: dict[str, float] = {}
+        # The generator's sampled remaining ratio at its last step, and at the freeze its distance above
+        # the target: a large gap means the frozen decision jumps far from what the generator trained.
+        self.last_remaining_ratio: float | None = None
+        self.budget_gap_at_freeze: float | None = None
         if cfg.decision_file is not None:
             self._use_decision_file(Path(cfg.decision_file))
         # ATP's LoRA-aware forward, or plain hard masks (the ablation) during the LoRA steps.
@@ -152,6 +156,7 @@ class ATPController:
         distributed.check_same([new_hard[s] for s in self.structures], "hard masks", when)
         flips = self._replace_hard_masks(new_hard)
         self.generator_steps += 1
+        self.last_remaining_ratio = float(ratio.detach())
         self.metrics.update(
             {
                 "atp/calibration_loss": float(ce_mean),
@@ -183,6 +188,8 @@ class ATPController:
         distributed.check_same([frozen[s] for s in self.structures], "frozen decision", "at the freeze")
         self.metrics["atp/mask_flips"] = float(self._replace_hard_masks(frozen))
         self.metrics["atp/frozen"] = 1.0
+        if self.last_remaining_ratio is not None:
+            self.budget_gap_at_freeze = self.last_remaining_ratio - (1.0 - cfg.prune_ratio)
         return self.decision
 
     def _replace_hard_masks(self, new_hard: Masks) -> int:

@@ -376,3 +376,19 @@ def test_atp_state_write_error_names_the_file_and_fix(tmp_path, monkeypatch):
     with pytest.raises(state_module.ATPStateError, match=r"No space left on device.*The disk is full\. Fix"):
         state_module.save_state({"x": 1}, tmp_path / "checkpoint-1")
     assert list((tmp_path / "checkpoint-1").iterdir()) == []
+
+
+def test_budget_gap_at_freeze_is_measured():
+    """A control phase too short for the generator to reach the budget is measured at the freeze."""
+    peft_model = lora_model("llama")
+    ctl = ATPController(peft_model, ATPConfig(prune_ratio=0.5, control_steps=1), total_steps=4, peak_lr=1e-3, seed=0)
+    ids = torch.randint(0, 64, (2, 8))
+
+    def calibration_loss():
+        return peft_model(input_ids=ids, labels=ids).loss
+
+    ctl.begin_step(0, calibration_loss)
+    assert ctl.budget_gap_at_freeze is None
+    ctl.begin_step(1, calibration_loss)  # the freeze, after a single generator step from a dense start
+    assert ctl.frozen and ctl.budget_gap_at_freeze == pytest.approx(ctl.last_remaining_ratio - 0.5)
+    assert ctl.budget_gap_at_freeze > 0.3
