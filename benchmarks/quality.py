@@ -205,8 +205,13 @@ def write_plot(results: list[dict], path: Path) -> Path:
                 ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
         for r in results:
             if r["method"] in ("base (no training)", "dense LoRA"):
-                ax.axhline(r[metric], linestyle="--", linewidth=1, color="grey" if r["name"] == "base" else "black")
-                ax.annotate(r["method"], (0.0, r[metric]), fontsize=7)
+                ax.axhline(
+                    r[metric],
+                    linestyle="--",
+                    linewidth=1,
+                    color="grey" if r["name"] == "base" else "black",
+                    label=f"{r['method']} (unpruned)",
+                )
             elif r["method"].startswith("ATP without") or r["layout"] == "uniform":
                 ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['method']} ({r['layout']})")
         ax.set_xlabel("prune ratio (of prunable parameters)")
