@@ -24,7 +24,7 @@ from benchmarks.common import ROOT, assets, dump, pubmed_subset, record, run_cli
 # About 1.1B parameters (TinyLlama-like widths), SmolLM2's vocabulary so its tokenizer fits.
 LARGE = {"hidden": 2048, "layers": 22, "intermediate": 5632, "heads": 32, "kv_heads": 4}
 TINY = {"hidden": 64, "layers": 2, "intermediate": 128, "heads": 4, "kv_heads": 2}
-QUICK = {"hidden": 1024, "layers": 8, "intermediate": 2816, "heads": 16, "kv_heads": 4}
+QUICK = {"hidden": 512, "layers": 4, "intermediate": 1408, "heads": 8, "kv_heads": 4}
 
 
 def model_facts(model_dir: Path) -> dict:
@@ -56,7 +56,7 @@ def _numel(shape: list[int]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="a ~0.15B random model instead of ~1.1B (minutes)")
+    parser.add_argument("--quick", action="store_true", help="a ~35M random model instead of ~1.1B (minutes)")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "merge-cost")
     args = parser.parse_args()
@@ -69,7 +69,7 @@ def main() -> None:
     random_dir = args.work / "random-llama"
     if random_dir.exists():
         shutil.rmtree(random_dir)
-    random_llama(random_dir, smollm2, shard_bytes=(200 if args.quick else 700) * 2**20, **dims)
+    random_llama(random_dir, smollm2, shard_bytes=(20 if args.quick else 700) * 2**20, **dims)
 
     # The floor: the same command on a tiny model (a few MB), i.e. Python, torch, axolotl and the config.
     tiny_dir = args.work / "tiny-llama"
