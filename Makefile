@@ -23,7 +23,7 @@ lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
 assets: setup
-	$(PY) -m axolotl_atp.assets all
+	$(PY) -m devkit.assets all
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -149,7 +149,7 @@ class ATPConfig(BaseModel):
 
     def _adopt_decision_file(self) -> None:
         """Take layout and prune_ratio from the decision file; refuse explicit values that disagree."""
-        from axolotl_atp.masks_io import peek_masks_header
+        from axolotl_atp.masks_file import peek_masks_header
 
         header = peek_masks_header(Path(self.decision_file))
         for key in ("layout", "prune_ratio"):

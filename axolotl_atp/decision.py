@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from axolotl_atp.structures import HEADS, STRUCTURES, Masks, ModelGeometry, ParameterCounter
+from axolotl_atp.groups import HEADS, STRUCTURES, Masks, ModelGeometry, ParameterCounter
 
 
 class BudgetError(ValueError):

@@ -70,7 +70,7 @@ class ATPPlugin(BasePlugin):
             return
         from pathlib import Path
 
-        from axolotl_atp.state import last_complete_checkpoint
+        from axolotl_atp.training.checkpoint_state import last_complete_checkpoint
 
         # axolotl's auto-resume takes the newest checkpoint folder, even one whose save was killed
         # midway; resume from the newest complete one instead (the others are left as they are).
@@ -90,7 +90,7 @@ class ATPPlugin(BasePlugin):
         from axolotl.common.datasets import TrainDatasetMeta, load_datasets
         from axolotl.utils.trainer import calculate_total_num_steps
 
-        from axolotl_atp.calibration import split_calibration
+        from axolotl_atp.training.calibration import split_calibration
 
         meta = load_datasets(cfg=cfg)
         train, calibration = split_calibration(meta.train_dataset, atp_cfg.calibration_size, run_seed(cfg, atp_cfg))
@@ -105,9 +105,9 @@ class ATPPlugin(BasePlugin):
         atp_cfg = atp_config(cfg)
         if atp_cfg is None:
             return []
-        from axolotl_atp.calibration import split_calibration
-        from axolotl_atp.callback import ATPCallback
-        from axolotl_atp.loss import add_group_lasso_to_loss
+        from axolotl_atp.training.calibration import split_calibration
+        from axolotl_atp.training.callback import ATPCallback
+        from axolotl_atp.training.group_lasso import add_group_lasso_to_loss
 
         calibration = self.calibration_dataset
         if calibration is None and atp_cfg.decision_file is None:

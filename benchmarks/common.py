@@ -16,14 +16,14 @@ from typing import Any
 
 import yaml
 
-from axolotl_atp.assets import OFFLINE_ENV as OFFLINE
+from devkit.assets import OFFLINE_ENV as OFFLINE
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def assets() -> tuple[Path, Path]:
-    from axolotl_atp.assets import ensure_pubmed, ensure_smollm2
+    from devkit.assets import ensure_pubmed, ensure_smollm2
 
     return ensure_smollm2(), ensure_pubmed()
 

@@ -32,7 +32,7 @@ LLAMA_31_8B = {
 
 
 def estimate(seq: int, micro_batch: int, lora_r: int, ratio: float, m: dict = LLAMA_31_8B) -> list[tuple[str, float]]:
-    from axolotl_atp.generator import PruningDecisionGenerator
+    from axolotl_atp.training.generator import PruningDecisionGenerator
 
     h, i, n_layers = m["hidden"], m["intermediate"], m["layers"]
     q_out, kv_out = m["heads"] * m["head_dim"], m["kv_heads"] * m["head_dim"]

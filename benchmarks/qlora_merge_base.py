@@ -26,9 +26,9 @@ def masked_qlora_model(model_dir: Path, run: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from axolotl_atp.architectures import spec_for
-    from axolotl_atp.gates import MaskedModel, MaskMode
-    from axolotl_atp.masks_io import read_masks
-    from axolotl_atp.structures import ModelGeometry
+    from axolotl_atp.masking import MaskedModel, MaskMode
+    from axolotl_atp.masks_file import read_masks
+    from axolotl_atp.groups import ModelGeometry
 
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -84,7 +84,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_atp.evaluation import perplexity, read_texts, token_stream
+    from devkit.evaluation import perplexity, read_texts, token_stream
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), eval_tokens)

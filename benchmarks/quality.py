@@ -107,8 +107,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_atp.assets import ensure_wikipedia
-    from axolotl_atp.evaluation import perplexity, read_texts, token_stream
+    from devkit.assets import ensure_wikipedia
+    from devkit.evaluation import perplexity, read_texts, token_stream
 
     model_dir, pubmed = assets()
     wiki = ensure_wikipedia()

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from axolotl_atp.architectures import spec_for
-from axolotl_atp.evaluation import read_texts
-from axolotl_atp.masks_io import write_json_atomic
-from axolotl_atp.structures import HEADS, MLP, Masks, ModelGeometry
+from devkit.evaluation import read_texts
+from axolotl_atp.masks_file import write_json_atomic
+from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry
 from benchmarks.synthetic import write_decision
 
 

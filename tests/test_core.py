@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from axolotl_atp.architectures import UnsupportedArchitectureError, spec_for
 from axolotl_atp.args import ATPConfig
-from axolotl_atp.controller import ATPController
+from axolotl_atp.training.controller import ATPController
 from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
 from axolotl_atp.export.slicing import slice_layer
-from axolotl_atp.gates import MaskedModel, MaskMode
-from axolotl_atp.group_lasso import GroupLasso
-from axolotl_atp.structures import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
+from axolotl_atp.masking import MaskedModel, MaskMode
+from axolotl_atp.training.group_lasso import GroupLasso
+from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
 from tests.kit import GEMMA3_LORA_TARGETS, tiny_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
@@ -292,7 +292,7 @@ def test_generator_learns_important_channels():
 
 
 def test_non_finite_loss_stops_with_step_and_term():
-    from axolotl_atp.controller import NonFiniteError
+    from axolotl_atp.training.controller import NonFiniteError
 
     peft_model = lora_model("llama")
     ctl = ATPController(peft_model, ATPConfig(prune_ratio=0.3), total_steps=10, peak_lr=1e-3, seed=0)
@@ -310,7 +310,7 @@ def test_non_finite_loss_stops_with_step_and_term():
 
 
 def _masks_file(tmp_path, peft_model, layout: str, ratio: float):
-    from axolotl_atp.masks_io import decision_to_json, write_json_atomic
+    from axolotl_atp.masks_file import decision_to_json, write_json_atomic
 
     spec, geo = geometry(peft_model.get_base_model())
     decision = Decision(kept=random_kept(geo, 7, uniform=layout == "uniform"), geo=geo)

@@ -39,9 +39,9 @@ def tiny_lora_model():
 
 def run_controller(rank: int, *, average: bool, check: bool) -> dict:
     """STEPS controller steps on rank-specific calibration data; what each rank saw, step by step."""
-    from axolotl_atp import distributed
+    from axolotl_atp.training import distributed
     from axolotl_atp.args import ATPConfig
-    from axolotl_atp.controller import ATPController
+    from axolotl_atp.training.controller import ATPController
 
     real_average, real_check = distributed.average_gradients, distributed.check_same
     record: dict = {"masks": [], "params": [], "grads_local": [], "grads_used": [], "calibration_loss": []}
@@ -170,7 +170,7 @@ def test_without_any_sync_the_ranks_drift_apart(ranks):
 
 
 def test_helpers_are_no_ops_on_one_process():
-    from axolotl_atp import distributed
+    from axolotl_atp.training import distributed
 
     assert not distributed.is_distributed()
     assert distributed.world_size() == 1 and distributed.rank() == 0
@@ -189,7 +189,7 @@ def test_a_trainer_under_fsdp_or_deepspeed_is_stopped_when_training_begins(flag,
     from types import SimpleNamespace
 
     from axolotl_atp.args import ATPConfig
-    from axolotl_atp.callback import ATPCallback
+    from axolotl_atp.training.callback import ATPCallback
 
     callback = ATPCallback(SimpleNamespace(**{flag: True}), ATPConfig(), None, seed=0, base_model=None)
     with pytest.raises(

@@ -266,14 +266,14 @@ def test_merge_refusals(trained_run, tmp_path):
 
 
 def run_merge_in_process(cfg: dict, tmp_path: Path, name: str, **kwargs):
-    from axolotl_atp.merge import run_merge
+    from axolotl_atp.export.merge import run_merge
 
     return run_merge(str(write_config(tmp_path / f"{name}.yml", cfg)), **kwargs)
 
 
 def test_missing_adapter_and_masks_are_refused(trained_run, tmp_path):
-    from axolotl_atp.export.checkpoint import CheckpointError
-    from axolotl_atp.masks_io import MasksFileError
+    from axolotl_atp.export.sources import CheckpointError
+    from axolotl_atp.masks_file import MasksFileError
 
     _, _, cfg = trained_run
     empty = tmp_path / "empty-run"
@@ -301,7 +301,7 @@ def test_missing_adapter_and_masks_are_refused(trained_run, tmp_path):
     ],
 )
 def test_bad_masks_file_is_refused(trained_run, tmp_path, edit, message):
-    from axolotl_atp.masks_io import MasksFileError
+    from axolotl_atp.masks_file import MasksFileError
 
     _, _, cfg = trained_run
     run = tmp_path / "run"
@@ -314,7 +314,7 @@ def test_bad_masks_file_is_refused(trained_run, tmp_path, edit, message):
 
 
 def test_truncated_masks_file_is_refused(trained_run, tmp_path):
-    from axolotl_atp.masks_io import MasksFileError
+    from axolotl_atp.masks_file import MasksFileError
 
     _, _, cfg = trained_run
     run = tmp_path / "run"
@@ -349,7 +349,7 @@ def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
 def test_merge_refuses_an_output_disk_without_room(trained_run, tmp_path, monkeypatch):
     import shutil as shutil_module
 
-    from axolotl_atp import merge as merge_module
+    from axolotl_atp.export import merge as merge_module
 
     _, _, cfg = trained_run
     real = shutil_module.disk_usage
@@ -362,7 +362,7 @@ def test_merge_refuses_an_output_disk_without_room(trained_run, tmp_path, monkey
 
 def test_merge_on_a_disk_that_fills_up(trained_run, tmp_path, small_disk, monkeypatch):
     """The disk fills after the free-space check (another process writing): a clear error, nothing left."""
-    from axolotl_atp import merge as merge_module
+    from axolotl_atp.export import merge as merge_module
 
     _, _, cfg = trained_run
     monkeypatch.setattr(merge_module, "check_free_space", lambda folder, needed: None)
@@ -375,7 +375,7 @@ def test_merge_on_a_disk_that_fills_up(trained_run, tmp_path, small_disk, monkey
 
 
 def test_atp_state_on_a_full_disk(small_disk):
-    from axolotl_atp.state import ATPStateError, save_state
+    from axolotl_atp.training.checkpoint_state import ATPStateError, save_state
 
     state = {"generator": torch.zeros(1_000_000)}  # 4 MB on a 1 MiB disk
     with pytest.raises(ATPStateError, match=r"could not write .*atp_state.pt .*The disk is full\. Fix: free space"):

@@ -192,7 +192,7 @@ def test_resume_without_atp_state_is_refused(tmp_path, tiny_llama, tiny_data):
 
 @pytest.mark.parametrize("corrupt", [b"", b"not a torch file"])
 def test_corrupt_atp_state_is_refused(tmp_path, corrupt):
-    from axolotl_atp.state import ATPStateError, load_state
+    from axolotl_atp.training.checkpoint_state import ATPStateError, load_state
 
     (tmp_path / "atp_state.pt").write_bytes(corrupt)
     with pytest.raises(ATPStateError, match="is corrupt"):
@@ -209,8 +209,8 @@ def test_data_parallel_on_two_cpu_processes(tmp_path, tiny_llama, tiny_data):
 
     import torch
 
-    from axolotl_atp.distributed import kept_digest, masks_digest
-    from axolotl_atp.state import load_state
+    from axolotl_atp.training.distributed import kept_digest, masks_digest
+    from axolotl_atp.training.checkpoint_state import load_state
     from tests.kit import OFFLINE_ENV
 
     root = Path(__file__).parents[1]

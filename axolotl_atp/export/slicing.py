@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from axolotl_atp.structures import SliceRef
+from axolotl_atp.groups import SliceRef
 
 
 def kept_positions(ref: SliceRef, kept_groups: list[int]) -> torch.Tensor:

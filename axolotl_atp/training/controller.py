@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from axolotl_atp import distributed
+from axolotl_atp.training import distributed
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
-from axolotl_atp.gates import MaskedModel, MaskMode, unwrap_base_model
-from axolotl_atp.generator import PruningDecisionGenerator, decision_scores, gumbel_sigmoid
-from axolotl_atp.group_lasso import GroupLasso, ramp
-from axolotl_atp.masks_io import MasksFileError, read_masks
-from axolotl_atp.structures import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
+from axolotl_atp.masking import MaskedModel, MaskMode, unwrap_base_model
+from axolotl_atp.training.generator import PruningDecisionGenerator, decision_scores, gumbel_sigmoid
+from axolotl_atp.training.group_lasso import GroupLasso, ramp
+from axolotl_atp.masks_file import MasksFileError, read_masks
+from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
 
 STATE_VERSION = 1
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from axolotl_atp.architectures import ArchitectureSpec
-from axolotl_atp.structures import Masks, ModelGeometry, SliceRef, slice_refs
+from axolotl_atp.groups import Masks, ModelGeometry, SliceRef, slice_refs
 
 
 class MaskMode(Enum):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from axolotl_atp.decision import Decision
-from axolotl_atp.structures import HEADS, MLP, ModelGeometry, ParameterCounter
+from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter
 
 FORMAT = "axolotl-atp/masks"
 VERSION = 1
