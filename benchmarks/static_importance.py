@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from axolotl_atp.architectures import spec_for
-from devkit.evaluation import read_texts
-from axolotl_atp.masks_file import write_json_atomic
 from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry
+from axolotl_atp.masks_file import write_json_atomic
 from benchmarks.synthetic import write_decision
+from devkit.evaluation import read_texts
 
 
 @torch.no_grad()

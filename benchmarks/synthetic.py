@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.decision import freeze_decision, stock_config_accepts_heads
-from axolotl_atp.masks_file import decision_to_json, write_json_atomic
 from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
+from axolotl_atp.masks_file import decision_to_json, write_json_atomic
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

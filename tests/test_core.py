@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from axolotl_atp.architectures import UnsupportedArchitectureError, spec_for
 from axolotl_atp.args import ATPConfig
-from axolotl_atp.training.controller import ATPController
 from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
 from axolotl_atp.export.slicing import slice_layer
-from axolotl_atp.masking import MaskedModel, MaskMode
-from axolotl_atp.training.group_lasso import GroupLasso
 from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
+from axolotl_atp.masking import MaskedModel, MaskMode
+from axolotl_atp.training.controller import ATPController
+from axolotl_atp.training.group_lasso import GroupLasso
 from tests.kit import GEMMA3_LORA_TARGETS, tiny_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.decision import BudgetError, Decision, freeze_decision, stock_config_accepts_heads
-from axolotl_atp.masks_file import MasksFileError, decision_to_json, read_masks
 from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
+from axolotl_atp.masks_file import MasksFileError, decision_to_json, read_masks
 from tests.kit import tiny_config
 
 SPEC = spec_for("llama")

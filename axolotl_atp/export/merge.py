@@ -154,12 +154,12 @@ def run_merge(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_atp.architectures import spec_for
-    from axolotl_atp.export.sources import BaseCheckpoint, LoraAdapter
     from axolotl_atp.export.pruned import uniform_config, widths, write_per_layer_config, write_pruned_weights
     from axolotl_atp.export.report import plot_widths, write_report
+    from axolotl_atp.export.sources import BaseCheckpoint, LoraAdapter
     from axolotl_atp.export.verify import compare_logits, reference_model, sample_texts, tokenize_batches
-    from axolotl_atp.masks_file import read_masks
     from axolotl_atp.groups import ModelGeometry, ParameterCounter, slice_refs
+    from axolotl_atp.masks_file import read_masks
 
     started = time.time()
     cfg = load_merge_config(config_path)

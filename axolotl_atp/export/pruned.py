@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from axolotl_atp.architectures import ArchitectureSpec
 from axolotl_atp.decision import Decision
-from axolotl_atp.export.sources import BaseCheckpoint, CheckpointError, LoraAdapter, ShardWriter, nf4_roundtrip
 from axolotl_atp.export.slicing import kept_positions, slice_layer
+from axolotl_atp.export.sources import BaseCheckpoint, CheckpointError, LoraAdapter, ShardWriter, nf4_roundtrip
 from axolotl_atp.groups import HEADS, MLP, ModelGeometry, slice_refs
 
 REMOTE_DIR = Path(__file__).parent / "remote"

@@ -11,8 +11,8 @@ import torch
 from axolotl_atp.architectures import ArchitectureSpec
 from axolotl_atp.decision import Decision
 from axolotl_atp.export.sources import nf4_roundtrip
-from axolotl_atp.masking import MaskedModel, MaskMode
 from axolotl_atp.groups import ModelGeometry
+from axolotl_atp.masking import MaskedModel, MaskMode
 
 FALLBACK_TEXTS = [
     "The patient was admitted to the hospital with chest pain and shortness of breath. An electrocardiogram "
