@@ -75,7 +75,54 @@ class ATPConfig(BaseModel):
     budget_weight: float = Field(
         default=5.0,
         ge=0.0,
-        description="Weight alpha of the budget loss alpha*|log(remaining/total) - log(1 - prune_ratio)|.",
+        description="Weight alpha of the budget loss alpha*|log(remaining/total) - log(target)|, where target "
+        "follows `budget_schedule`.",
+    )
+    budget_schedule: Literal["cubic", "linear", "constant"] = Field(
+        default="cubic",
+        description="The remaining ratio the generator is asked for during the control phase: `cubic` ramps it "
+        "from 1 to 1 - prune_ratio (fast first, slow at the end, as Zhu & Gupta and LoRAPrune), `linear` ramps it "
+        "evenly, `constant` asks for 1 - prune_ratio from the first step.",
+    )
+    budget_ramp: float = Field(
+        default=0.75,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of the control phase over which the target ramps; the rest holds the final target.",
+    )
+    anneal_noise: bool = Field(
+        default=True,
+        description="Decay the Gumbel noise to 0 over the control steps after the ramp, so that the generator's "
+        "last samples are its own deterministic decision and the freeze changes little.",
+    )
+    kd_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of the distillation term T^2*KL(teacher || student) over the labelled tokens in the "
+        "LoRA steps; 0 turns distillation off (no teacher forward).",
+    )
+    ce_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of the cross-entropy on the labels in the LoRA steps when distillation is on.",
+    )
+    kd_temperature: float = Field(default=1.0, gt=0.0, description="Temperature T of the distillation term.")
+    kd_teacher: str = Field(
+        default="base",
+        description="The teacher: `base` (the base model with the masks off and the adapter disabled: no second "
+        "copy of the weights; 4-bit under QLoRA), `self` (the run's own adapter with the masks off), or the path "
+        "of a LoRA adapter folder for the same base (e.g. a dense LoRA trained on the same data).",
+    )
+    kd_chunk_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="Labelled tokens per chunk of the distillation loss: the teacher's and the student's logits "
+        "exist for one chunk at a time (a 128k vocabulary at 1024 tokens: 0.5 GB each in fp32).",
+    )
+    kd_calibration: bool = Field(
+        default=False,
+        description="Train the generator on KL(teacher || masked model) on the calibration batch instead of its "
+        "cross-entropy (the damage a decision does, measured against the unpruned model).",
     )
     group_lasso: Literal["prox", "loss", "off"] = Field(
         default="prox",
@@ -142,6 +189,26 @@ class ATPConfig(BaseModel):
             raise ValueError(
                 f"atp.calibration_size = {self.calibration_size}: a value of 1 or more is a row count "
                 "and must be a whole number. Fix: use a fraction below 1 or an integer."
+            )
+        if self.kd_weight > 0 and self.ce_weight == 0 and self.kd_teacher == "self":
+            raise ValueError(
+                "atp.kd_teacher = 'self' with atp.ce_weight = 0: the student would only follow its own unmasked "
+                "copy and never learn from the labels. Fix: set atp.ce_weight above 0, or use kd_teacher: base."
+            )
+        if self.kd_weight == 0 and self.ce_weight != 1.0:
+            raise ValueError(
+                f"atp.ce_weight = {self.ce_weight} has no effect with atp.kd_weight = 0 (distillation off, the "
+                "plain training loss is used). Fix: remove atp.ce_weight, or set atp.kd_weight above 0."
+            )
+        if self.kd_calibration and self.kd_weight == 0:
+            raise ValueError(
+                "atp.kd_calibration = true needs a teacher, but atp.kd_weight = 0 turns distillation off. Fix: set "
+                "atp.kd_weight above 0, or remove atp.kd_calibration."
+            )
+        if self.kd_teacher not in ("base", "self") and not (Path(self.kd_teacher) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"atp.kd_teacher = {self.kd_teacher!r} is neither `base`, `self` nor a LoRA adapter folder (no "
+                "adapter_config.json there). Fix: use `base`, `self`, or the folder of a LoRA adapter of this base."
             )
         if self.decision_file is not None:
             self._adopt_decision_file()

@@ -15,6 +15,8 @@ Masks are set once per optimizer step and stay constant within it, so gradient c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
@@ -131,6 +133,15 @@ class MaskedModel:
                 if leaf.grad is not None:
                     terms.append((self._expand(mask, ref) * leaf.grad).sum())
         return terms
+
+    @contextmanager
+    def masks_off(self) -> Iterator[None]:
+        """Run the unpruned model inside the block (the distillation teacher); the masks and mode are kept."""
+        mode, self.mode = self.mode, MaskMode.OFF
+        try:
+            yield
+        finally:
+            self.mode = mode
 
     def clear(self) -> None:
         self.set_masks({}, MaskMode.OFF)

@@ -115,7 +115,13 @@ class ATPPlugin(BasePlugin):
             trainer.train_dataset, calibration = split_calibration(
                 trainer.train_dataset, atp_cfg.calibration_size, run_seed(cfg, atp_cfg)
             )
-        callback = ATPCallback(trainer, atp_cfg, calibration, run_seed(cfg, atp_cfg), cfg.base_model)
+        distiller = None
+        if atp_cfg.kd_weight > 0:
+            from axolotl_atp.training.distillation import Distiller
+
+            distiller = Distiller(trainer, atp_cfg)
+            distiller.install()
+        callback = ATPCallback(trainer, atp_cfg, calibration, run_seed(cfg, atp_cfg), cfg.base_model, distiller)
         if atp_cfg.group_lasso == "loss":
             add_group_lasso_to_loss(trainer, callback)
         return [callback]

@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from axolotl_atp.training import distributed
 from axolotl_atp.args import ATPConfig
-from axolotl_atp.training.calibration import CalibrationSampler
-from axolotl_atp.training.controller import ATPController
-from axolotl_atp.masking import MaskMode, base_layer_of, count_parameters
 from axolotl_atp.log import get_logger
+from axolotl_atp.masking import MaskMode, base_layer_of, count_parameters
 from axolotl_atp.masks_file import decision_to_json, write_json_atomic
+from axolotl_atp.training import distributed
+from axolotl_atp.training.calibration import CalibrationSampler
 from axolotl_atp.training.checkpoint_state import load_state, save_state
+from axolotl_atp.training.controller import ATPController
+from axolotl_atp.training.distillation import Distiller
 
 LOG = get_logger(__name__)
 # Warn when the generator's sampled remaining ratio is this far above the target at the freeze.
@@ -25,8 +26,17 @@ BUDGET_GAP_WARNING = 0.05
 class ATPCallback(TrainerCallback):
     """Generator steps, freeze, masks, prox, metrics, checkpoint state and the final masks file."""
 
-    def __init__(self, trainer: Any, atp_cfg: ATPConfig, calibration_dataset: Any, seed: int, base_model: str | None):
+    def __init__(
+        self,
+        trainer: Any,
+        atp_cfg: ATPConfig,
+        calibration_dataset: Any,
+        seed: int,
+        base_model: str | None,
+        distiller: Distiller | None = None,
+    ):
         self.trainer = trainer
+        self.distiller = distiller
         self.atp_cfg = atp_cfg
         self.calibration_dataset = calibration_dataset
         self.seed = seed
@@ -43,9 +53,13 @@ class ATPCallback(TrainerCallback):
         index = self.controller.generator_steps * distributed.world_size() + distributed.rank()
         batch = self.trainer._prepare_inputs(self.sampler.batch(index))
         with self.trainer.compute_loss_context_manager():
+            if self.distiller is not None and self.atp_cfg.kd_calibration:
+                return self.distiller.calibration_loss(self.trainer.model, batch)
             return self.trainer.model(**batch).loss
 
     def _log(self) -> None:
+        if self.controller and self.distiller is not None:
+            self.controller.metrics.update(self.distiller.pop_metrics())
         if self.controller and self.controller.metrics:
             store = getattr(self.trainer, "store_metrics", None)
             if callable(store):
@@ -97,6 +111,8 @@ class ATPCallback(TrainerCallback):
             self.controller.load_state_dict(load_state(checkpoint))
             LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
         c = self.controller
+        if self.distiller is not None:
+            self.distiller.start(c.masked, c.spec)
         if self.atp_cfg.decision_file is not None:
             LOG.info("axolotl-atp: fixed decision from %s; no generator is trained", self.atp_cfg.decision_file)
         down_proj = c.masked.layers[0].get_submodule(c.spec.down)
@@ -120,6 +136,13 @@ class ATPCallback(TrainerCallback):
         if self.controller.frozen and not was_frozen:
             counts = self.controller.decision.counts() if self.controller.decision else {}
             LOG.info("axolotl-atp: masks frozen at step %d; kept per layer: %s", state.global_step, counts)
+            flips, groups = self.controller.flips_at_freeze or 0, self.controller.num_groups_total
+            LOG.info(
+                "axolotl-atp: the freeze changed %d of %d group decisions (%.2f%%) against the masks last trained with",
+                flips,
+                groups,
+                100 * flips / groups,
+            )
             gap = self.controller.budget_gap_at_freeze
             if gap is not None and gap > BUDGET_GAP_WARNING:
                 LOG.warning(
@@ -164,6 +187,8 @@ class ATPCallback(TrainerCallback):
         if self.controller is None:
             return
         c = self.controller
+        if self.distiller is not None:
+            self.distiller.finish()  # a teacher adapter loaded from a folder is not saved with the run's adapter
         decision = c.finish()
         c.masked.set_masks(c.hard_masks, MaskMode.FULL)
         if distributed.is_distributed():

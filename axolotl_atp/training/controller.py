@@ -18,15 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from axolotl_atp.training import distributed
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
+from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
 from axolotl_atp.masking import MaskedModel, MaskMode, unwrap_base_model
+from axolotl_atp.masks_file import MasksFileError, read_masks
+from axolotl_atp.training import distributed
+from axolotl_atp.training.budget_schedule import ramp_steps, target_remaining_ratio
 from axolotl_atp.training.generator import PruningDecisionGenerator, decision_scores, gumbel_sigmoid
 from axolotl_atp.training.group_lasso import GroupLasso, ramp
-from axolotl_atp.masks_file import MasksFileError, read_masks
-from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
 
 STATE_VERSION = 1
 
@@ -89,6 +90,8 @@ class ATPController:
         # the target: a large gap means the frozen decision jumps far from what the generator trained.
         self.last_remaining_ratio: float | None = None
         self.budget_gap_at_freeze: float | None = None
+        # Group decisions the freeze changed against the masks the LoRA steps last trained with.
+        self.flips_at_freeze: int | None = None
         if cfg.decision_file is not None:
             self._use_decision_file(Path(cfg.decision_file))
         # ATP's LoRA-aware forward, or plain hard masks (the ablation) during the LoRA steps.
@@ -115,6 +118,26 @@ class ATPController:
     def in_control(self, step: int) -> bool:
         return not self.frozen and step < self.control_steps
 
+    @property
+    def ramp_steps(self) -> int:
+        return ramp_steps(self.control_steps, self.cfg.budget_ramp)
+
+    def target_ratio(self, step: int) -> float:
+        """The remaining ratio the budget loss asks for at optimizer step `step` (the budget schedule)."""
+        return target_remaining_ratio(step, self.cfg.prune_ratio, self.ramp_steps, self.cfg.budget_schedule)
+
+    def noise_scale(self, step: int) -> float:
+        """Gumbel-noise scale at `step`: 1 while the target ramps, then (with `anneal_noise`) down to 0 at the
+        last control step, so that the generator ends on its own deterministic decision."""
+        hold = self.control_steps - self.ramp_steps
+        if not self.cfg.anneal_noise or step < self.ramp_steps or hold <= 0:
+            return 1.0
+        return max(0.0, 1.0 - (step - self.ramp_steps + 1) / hold)
+
+    @property
+    def num_groups_total(self) -> int:
+        return sum(self.geo.num_layers * self.geo.num_groups(s) for s in self.structures)
+
     def begin_step(self, step: int, calibration_loss: Callable[[], torch.Tensor] | None) -> None:
         """Prepare optimizer step `step`: maybe a generator step or the freeze, then set the LoRA masks."""
         self.metrics = {}
@@ -129,10 +152,12 @@ class ATPController:
         self.generator.train()
         logits = self.generator()
         soft, hard = {}, {}
+        noise_scale = self.noise_scale(step)
         for s, z in logits.items():
-            soft[s], hard[s] = gumbel_sigmoid(z, self.cfg.temperature, self.cfg.offset, self.noise)
+            soft[s], hard[s] = gumbel_sigmoid(z, self.cfg.temperature, self.cfg.offset, self.noise, noise_scale)
         ratio = self.counter.remaining_ratio(hard)
-        budget = self.cfg.budget_weight * (torch.log(ratio) - math.log(1.0 - self.cfg.prune_ratio)).abs()
+        target = self.target_ratio(step)
+        budget = self.cfg.budget_weight * (torch.log(ratio) - math.log(target)).abs()
         check_finite(budget, "budget loss", step)
         self.masked.set_masks(soft, MaskMode.FULL)
         with frozen_parameters(self.model):
@@ -162,6 +187,8 @@ class ATPController:
                 "atp/calibration_loss": float(ce_mean),
                 "atp/budget_loss": float(budget.detach()),
                 "atp/remaining_ratio": float(ratio.detach()),
+                "atp/target_remaining_ratio": target,
+                "atp/noise_scale": noise_scale,
                 "atp/mask_flips": float(flips),
             }
         )
@@ -186,7 +213,9 @@ class ATPController:
         )
         frozen = self.decision.masks(self.device)
         distributed.check_same([frozen[s] for s in self.structures], "frozen decision", "at the freeze")
-        self.metrics["atp/mask_flips"] = float(self._replace_hard_masks(frozen))
+        self.flips_at_freeze = self._replace_hard_masks(frozen)
+        self.metrics["atp/mask_flips"] = float(self.flips_at_freeze)
+        self.metrics["atp/freeze_flip_fraction"] = self.flips_at_freeze / self.num_groups_total
         self.metrics["atp/frozen"] = 1.0
         if self.last_remaining_ratio is not None:
             self.budget_gap_at_freeze = self.last_remaining_ratio - (1.0 - cfg.prune_ratio)

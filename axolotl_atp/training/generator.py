@@ -47,16 +47,21 @@ class PruningDecisionGenerator(nn.Module):
 
 
 def gumbel_sigmoid(
-    logits: torch.Tensor, temperature: float, offset: float, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float,
+    offset: float,
+    generator: torch.Generator | None = None,
+    noise_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A relaxed Bernoulli sample: `(soft, hard_ste)`.
 
-    `soft = sigmoid((z + noise + offset) / T)` with logistic noise (the difference of two Gumbels,
-    which is what makes this a relaxed Bernoulli); `hard_ste` is `1[soft >= 0.5]` in the forward and
-    has the gradient of `soft` in the backward.
+    `soft = sigmoid((z + noise_scale * noise + offset) / T)` with logistic noise (the difference of two
+    Gumbels, which is what makes this a relaxed Bernoulli); `hard_ste` is `1[soft >= 0.5]` in the forward
+    and has the gradient of `soft` in the backward. At `noise_scale` 0 the hard sample is the generator's
+    deterministic decision (the noise is drawn all the same, so the random stream does not depend on it).
     """
     uniform = torch.rand(logits.shape, generator=generator, device="cpu").clamp(1e-6, 1 - 1e-6)
-    noise = (torch.log(uniform) - torch.log1p(-uniform)).to(logits.device, logits.dtype)
+    noise = (torch.log(uniform) - torch.log1p(-uniform)).to(logits.device, logits.dtype) * noise_scale
     soft = torch.sigmoid((logits + noise + offset) / temperature)
     hard = (soft >= 0.5).to(soft.dtype)
     return soft, hard - soft.detach() + soft

@@ -117,13 +117,13 @@ def add_group_lasso_to_loss(trainer: Any, callback: Any) -> None:
         if controller is None or not model.training:
             return result
         penalty = controller.penalty()
-        # The HF Trainer divides the returned loss by the accumulation steps only in this case; otherwise
-        # the CE is already normalised over the whole accumulated batch, and the term must be too.
-        if (
-            getattr(trainer, "model_accepts_loss_kwargs", False)
-            and num_items_in_batch is not None
-            and getattr(trainer, "compute_loss_func", None) is None
-        ):
+        # The HF Trainer divides the returned loss by the accumulation steps only when the model does not
+        # normalise it over the whole accumulated batch itself (nor a `compute_loss_func`, as distillation's,
+        # does); otherwise the term must be divided here, once per micro-batch.
+        trainer_divides = (
+            not getattr(trainer, "model_accepts_loss_kwargs", False) or num_items_in_batch is None
+        ) and getattr(trainer, "compute_loss_func", None) is None
+        if not trainer_divides:
             penalty = penalty / trainer.current_gradient_accumulation_steps
         controller.metrics["atp/group_lasso_penalty"] = float(penalty.detach())
         if return_outputs:
