@@ -58,7 +58,7 @@ class ATPConfig(BaseModel):
     generator_interval: int = Field(
         default=1, ge=1, description="Train the generator every N optimizer steps of the control phase."
     )
-    generator_lr: float = Field(default=1e-3, gt=0.0, description="Learning rate of the generator's AdamW.")
+    generator_lr: float = Field(default=1e-2, gt=0.0, description="Learning rate of the generator's AdamW.")
     generator_weight_decay: float = Field(default=0.0, ge=0.0, description="Weight decay of the generator.")
     generator_hidden_size: int = Field(default=64, ge=4, description="Width of the generator's encoder.")
     generator_num_layers: int = Field(default=2, ge=1, description="Transformer layers in the generator.")

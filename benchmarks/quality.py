@@ -1,87 +1,136 @@
-"""Quality of the exported models: ATP against a two-stage baseline, dense LoRA and an ablation.
+"""Quality of the exported models: ATP against dense LoRA, a two-stage baseline, ATP without distillation,
+the ablation, the uniform layout, and seeds; at a training budget long enough to say something.
 
-Every run trains the real SmolLM2-135M on the same PubMed abstracts for the same steps and tokens, with
-`axolotl train`; every pruned model is written by `axolotl atp-merge` and evaluated as the exported
-model (loaded with `from_pretrained`), on held-out PubMed and on general English (Wikipedia).
+Every row trains the real SmolLM2-135M on the same PubMed abstracts for the same steps and tokens with
+`axolotl train`; every pruned model is written by `axolotl atp-merge` and evaluated as the exported model
+(loaded with `from_pretrained`) on held-out PubMed and on general English (Wikipedia).
 
-- base: no training.               - dense LoRA: plain LoRA, merged with peft.
-- ATP at each ratio (per_layer), and at 0.4 also with `layout: uniform`.
-- two-stage: a static Wanda-sp decision (benchmarks/static_importance.py) from calibration rows that
-  are not training rows, then LoRA for the same steps on the pruned model (`atp.decision_file`, plain
-  hard masks, no group lasso), exported through the same merge.
-- ablation at 0.4: ATP's generator, without the LoRA-aware forward and the group lasso.
+Rows (the long protocol: 200 optimizer steps of 4x256 tokens, 204,800 training tokens, per row):
+- base (no training) and dense LoRA;
+- ATP with the defaults (distillation from the base model, cubic budget schedule) at 0.2, 0.3, 0.4, 0.5;
+- ATP without distillation (`kd_weight: 0`) at the same ratios;
+- two-stage: a static Wanda-sp decision (benchmarks/static_importance.py) from calibration rows that are
+  not training rows, then LoRA for the same steps on the fixed masks, with the same distillation;
+- the ablation at 0.3 (no LoRA-aware forward, no group lasso), and ATP with `layout: uniform` at 0.3;
+- three seeds of ATP and of the ablation at 0.3.
 
-    python benchmarks/quality.py [--quick] [--no-record] [--work DIR]
+The run is resumable: each row's result is saved under `--work` (benchmarks/work/quality-long by default)
+with a key made of its resolved training config; a row is run again only when it is missing or its key
+changed (a new default changes the key). RESULTS.md is built from the saved rows, with the date and commit;
+rows not yet measured are listed as such.
+
+    python benchmarks/quality.py [--quick] [--no-record] [--work DIR] [--max-minutes M] [--only NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import re
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, pubmed_subset, record, run_cli, smollm2_config, train
 
-TRAIN_ROWS = 1500
+# train_rows: 200 steps x 4 rows for the long protocol (the calibration split is held out of these).
+LONG = {
+    "steps": 200,
+    "micro_batch_size": 4,
+    "eval_tokens": 8192,
+    "train_rows": 4000,
+    "ratios": [0.2, 0.3, 0.4, 0.5],
+    "seeds": [42, 43, 44],
+}
+QUICK = {"steps": 4, "micro_batch_size": 2, "eval_tokens": 1024, "train_rows": 400, "ratios": [0.4], "seeds": [42]}
+METHODS = {
+    "dense": "dense LoRA",
+    "atp": "ATP",
+    "atp-nokd": "ATP without distillation",
+    "two-stage": "two-stage (Wanda-sp, then LoRA)",
+    "ablation": "ablation (no LoRA-aware forward, no group lasso)",
+    "atp-uniform": "ATP, uniform layout",
+}
 
 
-def atp_block(ratio: float, steps: int, **extra) -> dict:
-    return {
-        "prune_ratio": ratio,
-        "control_steps": max(1, steps // 2),
-        "generator_lr": 0.02,
+def row(kind: str, ratio: float = 0.0, seed: int = 42) -> dict[str, Any]:
+    name = kind if kind == "dense" else f"{kind}-{ratio}" + (f"-s{seed}" if seed != 42 else "")
+    layout = "uniform" if kind == "atp-uniform" else "per_layer" if kind != "dense" else "-"
+    return {"name": name, "kind": kind, "method": METHODS[kind], "ratio": ratio, "seed": seed, "layout": layout}
+
+
+def plan(protocol: dict, quick: bool) -> list[dict[str, Any]]:
+    """The rows, most informative first, so that a partial run already answers the main questions."""
+    if quick:
+        return [row("dense"), row("atp", 0.4), row("two-stage", 0.4), row("ablation", 0.4)]
+    ratios, seeds = protocol["ratios"], protocol["seeds"]
+    rows = [row("dense"), row("atp", 0.3), row("two-stage", 0.3), row("atp-nokd", 0.3), row("ablation", 0.3)]
+    rows += [row("atp", r) for r in ratios if r != 0.3]
+    rows += [row("two-stage", r) for r in ratios if r != 0.3]
+    rows += [row("atp", 0.3, s) for s in seeds[1:]] + [row("ablation", 0.3, s) for s in seeds[1:]]
+    rows += [row("atp-nokd", r) for r in ratios if r != 0.3]
+    rows += [row("atp-uniform", 0.3)]
+    return rows
+
+
+def atp_block(run: dict, decision: Path | None) -> dict | None:
+    kind = run["kind"]
+    if kind == "dense":
+        return None
+    block: dict[str, Any] = {
+        "prune_ratio": run["ratio"],
         "mlp_round_to": 8,
         "calibration_size": 64,
-        **extra,
+        "seed": run["seed"],
     }
+    if kind == "atp-nokd":
+        block["kd_weight"] = 0.0
+    if kind == "atp-uniform":
+        block["layout"] = "uniform"
+    if kind in ("two-stage", "ablation"):
+        block.update(lora_aware=False, group_lasso="off")
+    if kind == "two-stage":
+        block = {"decision_file": str(decision), "lora_aware": False, "group_lasso": "off", "mlp_round_to": 8}
+    return block
 
 
-def plan(ratios: list[float], layouts_at: float | None, ablation_at: float) -> list[dict]:
-    runs: list[dict] = [{"name": "dense-lora", "method": "dense LoRA", "ratio": 0.0, "layout": "-"}]
-    for r in ratios:
-        runs.append({"name": f"atp-{r}", "method": "ATP", "ratio": r, "layout": "per_layer"})
-        runs.append(
-            {"name": f"two-stage-{r}", "method": "two-stage (Wanda-sp, then LoRA)", "ratio": r, "layout": "per_layer"}
-        )
-    if layouts_at is not None:
-        runs.append({"name": f"atp-{layouts_at}-uniform", "method": "ATP", "ratio": layouts_at, "layout": "uniform"})
-    runs.append(
-        {
-            "name": f"ablation-{ablation_at}",
-            "method": "ATP without LoRA-aware + group lasso",
-            "ratio": ablation_at,
-            "layout": "per_layer",
-        }
-    )
-    return runs
-
-
-def run_config(run: dict, model_dir: Path, data: Path, work: Path, steps: int, calibration: Path) -> dict:
+def run_config(run: dict, model_dir: Path, data: Path, work: Path, protocol: dict, decision: Path | None) -> dict:
     out = work / run["name"]
-    # One prepared dataset for all runs (same data, tokenizer and length): tokenized once.
     common = {
-        "max_steps": steps,
-        "micro_batch_size": 2,
-        "logging_steps": 4,
+        "max_steps": protocol["steps"],
+        "micro_batch_size": protocol["micro_batch_size"],
+        "logging_steps": 10,
+        "seed": run["seed"],
+        # One prepared dataset for all rows (same data, tokenizer and length): tokenized once.
         "dataset_prepared_path": str(work / "prepared"),
     }
-    if run["method"] == "dense LoRA":
-        return smollm2_config(model_dir, data, out, atp=None, **common)
-    if run["method"] == "ATP":
-        atp = atp_block(run["ratio"], steps, layout=run["layout"])
-    elif run["method"].startswith("ATP without"):
-        atp = atp_block(run["ratio"], steps, layout=run["layout"], lora_aware=False, group_lasso="off")
-    else:
-        from benchmarks.static_importance import write_static_decision
+    return smollm2_config(model_dir, data, out, atp=atp_block(run, decision), **common)
 
-        decision = write_static_decision(
-            model_dir, calibration, out / "static_masks.json", ratio=run["ratio"], layout=run["layout"]
-        )
-        atp = {"decision_file": str(decision), "lora_aware": False, "group_lasso": "off", "mlp_round_to": 8}
-    return smollm2_config(model_dir, data, out, atp=atp, **common)
+
+def row_key(cfg: dict, protocol: dict) -> str:
+    """What decides a row's result: its training config with the `atp:` block resolved (defaults included),
+    the protocol, and the evaluation; not the paths."""
+    from axolotl_atp.args import ATPConfig
+
+    semantic = {k: v for k, v in cfg.items() if k not in ("output_dir", "dataset_prepared_path", "base_model")}
+    semantic["datasets"] = [{**d, "path": Path(d["path"]).name} for d in cfg["datasets"]]
+    if "atp" in cfg:
+        atp = ATPConfig(**cfg["atp"]).model_dump()
+        if atp.get("decision_file"):
+            atp["decision_file"] = _digest(Path(atp["decision_file"]).read_text())
+        semantic["atp"] = atp
+    measured = {k: protocol[k] for k in ("steps", "micro_batch_size", "eval_tokens", "train_rows")}
+    return _digest(json.dumps({"cfg": semantic, "protocol": measured}, sort_keys=True))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def merged_dense(model_dir: Path, adapter: Path):
@@ -93,16 +142,26 @@ def merged_dense(model_dir: Path, adapter: Path):
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
+def training_facts(log: str) -> dict[str, Any]:
+    """What the training log says about the freeze and the losses."""
+    facts: dict[str, Any] = {}
+    flips = re.search(r"the freeze changed (\d+) of (\d+) group decisions", log)
+    if flips:
+        facts["freeze_flips"], facts["groups"] = int(flips.group(1)), int(flips.group(2))
+    return facts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="ratio 0.4, one layout, 4 steps, 1k eval tokens (minutes)")
+    parser.add_argument("--quick", action="store_true", help="ratio 0.4, four rows, 4 steps, 1k eval tokens (minutes)")
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "quality")
+    parser.add_argument("--work", type=Path, default=None, help="where rows are saved (resumable)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these rows (by name)")
     args = parser.parse_args()
-    if args.quick:
-        steps, ratios, eval_tokens = 4, [0.4], 1024
-    else:
-        steps, ratios, eval_tokens = 40, [0.2, 0.3, 0.4, 0.5], 8192
+    protocol = QUICK if args.quick else LONG
+    work = args.work or ROOT / "benchmarks" / "work" / ("quality-quick" if args.quick else "quality-long")
+    started = time.time()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,31 +171,52 @@ def main() -> None:
 
     model_dir, pubmed = assets()
     wiki = ensure_wikipedia()
-    work = args.work
-    data = pubmed_subset(pubmed, work / "train.jsonl", TRAIN_ROWS)
+    train_rows = protocol["train_rows"]
+    data = pubmed_subset(pubmed, work / "train.jsonl", train_rows)
     # Calibration rows for the static criterion: PubMed training abstracts that no run trains on.
-    rows = (pubmed / "train.jsonl").read_text().splitlines(keepends=True)[TRAIN_ROWS : TRAIN_ROWS + 32]
+    rows = (pubmed / "train.jsonl").read_text().splitlines(keepends=True)[train_rows : train_rows + 32]
     calibration = work / "static-calibration.jsonl"
     calibration.write_text("".join(rows))
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     evals = {
-        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), eval_tokens),
-        "Wikipedia": token_stream(tokenizer, read_texts(wiki / "articles.jsonl"), eval_tokens),
+        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), protocol["eval_tokens"]),
+        "Wikipedia": token_stream(tokenizer, read_texts(wiki / "articles.jsonl"), protocol["eval_tokens"]),
     }
 
     def evaluate(model) -> dict:
         return {name: perplexity(model, ids) for name, ids in evals.items()} | {"params": model.num_parameters()}
 
-    results = [{"name": "base", "method": "base (no training)", "ratio": 0.0, "layout": "-"}]
-    results[0].update(evaluate(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)))
-    # The quick mode skips the second layout (the tests merge both layouts on every family anyway).
-    for run in plan(ratios, None if args.quick else 0.4, 0.4):
-        started = time.time()
-        cfg = run_config(run, model_dir, data, work, steps, calibration)
-        _, metrics = train(cfg, run["name"])
+    saved = work / "rows"
+    base_path = saved / "base.json"
+    base_key = _digest(json.dumps({"eval_tokens": protocol["eval_tokens"]}))
+    if not _is_current(base_path, base_key):
+        base = {"name": "base", "kind": "base", "method": "base (no training)", "ratio": 0.0, "seed": None}
+        base.update(layout="-", **evaluate(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)))
+        dump(base_path, {"key": base_key, "row": base})
+
+    for run in plan(protocol, args.quick):
+        if args.only and run["name"] not in args.only:
+            continue
+        decision = None
+        if run["kind"] == "two-stage":
+            from benchmarks.static_importance import write_static_decision
+
+            decision = write_static_decision(
+                model_dir, calibration, work / run["name"] / "static_masks.json", ratio=run["ratio"], layout="per_layer"
+            )
+        cfg = run_config(run, model_dir, data, work, protocol, decision)
+        key = row_key(cfg, protocol)
+        path = saved / f"{run['name']}.json"
+        if _is_current(path, key):
+            continue
+        if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
+            print(f"stopping before {run['name']}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
+        begun = time.time()
+        log, metrics = train(cfg, run["name"])
         run_dir = Path(cfg["output_dir"])
-        if run["method"] == "dense LoRA":
+        if run["kind"] == "dense":
             model = merged_dense(model_dir, run_dir)
         else:
             export = work / run["name"] / "export"
@@ -146,47 +226,129 @@ def main() -> None:
                 work / run["name"] / "merge.log",
             )
             model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, trust_remote_code=True)
-        run.update(evaluate(model), train_loss=metrics.get("train_loss"), seconds=round(time.time() - started))
-        print(run, flush=True)
-        results.append(run)
-        dump(work / "results.json", {"steps": steps, "eval_tokens": eval_tokens, "runs": results})
+        result = {
+            **run,
+            **evaluate(model),
+            **training_facts(log),
+            "train_loss": metrics.get("train_loss"),
+            "train_seconds": metrics.get("train_runtime"),
+            "seconds": round(time.time() - begun),
+            "commit": _commit(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        print(result, flush=True)
+        dump(path, {"key": key, "row": result})
 
-    table = format_table(results)
-    print(table)
-    plot = ROOT / "benchmarks" / ("quality-quick.png" if args.quick else "quality.png")
-    plot_path = write_plot(results, work / "quality.png" if args.no_record else plot)
+    results = [json.loads(p.read_text())["row"] for p in sorted(saved.glob("*.json"))]
+    order = ["base"] + [r["name"] for r in plan(protocol, args.quick)]
+    results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    dump(work / "results.json", {"protocol": protocol, "runs": results})
+    missing = [r["name"] for r in plan(protocol, args.quick) if r["name"] not in {x["name"] for x in results}]
+    body = report(results, protocol, missing)
+    print(body)
     if not args.no_record:
-        mode = "quick" if args.quick else "full"
-        tokens = steps * 2 * 256
-        body = (
-            f"SmolLM2-135M, LoRA r=16 on all seven projections, {steps} optimizer steps of 2x256 tokens "
-            f"(up to {tokens:,} training tokens) of PubMed abstracts for every trained row; ATP's generator "
-            f"trains for the first {max(1, steps // 2)} steps. Perplexity on {eval_tokens:,} held-out tokens "
-            "of each set, measured on the exported models (`atp-merge`, loaded with `from_pretrained`). "
-            "The ratio columns divide by the two-stage baseline at the same prune ratio (below 1: ATP "
-            f"better).\n\n{table}\n\n![quality]({plot_path.name})"
+        plot = write_plot(results, ROOT / "benchmarks" / ("quality-quick.png" if args.quick else "quality.png"))
+        mode = "quick" if args.quick else "long protocol"
+        record(
+            f"Quality ({mode})",
+            f"{body}\n\n![quality]({plot.name})",
+            f"python benchmarks/quality.py{' --quick' if args.quick else ''}",
         )
-        record(f"Quality ({mode})", body, f"python benchmarks/quality.py{' --quick' if args.quick else ''}")
+
+
+def _is_current(path: Path, key: str) -> bool:
+    return path.is_file() and json.loads(path.read_text()).get("key") == key
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip() or "unknown"
+
+
+def report(results: list[dict], protocol: dict, missing: list[str]) -> str:
+    steps, mb = protocol["steps"], protocol["micro_batch_size"]
+    lines = [
+        f"SmolLM2-135M, LoRA r=16 on all seven projections, {steps} optimizer steps of {mb}x256 tokens "
+        f"({steps * mb * 256:,} training tokens) of PubMed abstracts for every trained row; ATP's generator trains "
+        f"for the first half. Perplexity on {protocol['eval_tokens']:,} held-out tokens of each set, measured on "
+        "the exported models (`atp-merge`, loaded with `from_pretrained`). Each row's commit and date are its own "
+        "(rows are kept between sessions and rerun only when their config changes).",
+        "",
+        format_table(results),
+    ]
+    seeds = seed_summary(results)
+    if seeds:
+        lines += ["", seeds]
+    lines += ["", format_targets(results)]
+    if missing:
+        lines += ["", f"Not yet measured ({len(missing)} rows): {', '.join(missing)}."]
+    return "\n".join(lines)
 
 
 def format_table(results: list[dict]) -> str:
-    two_stage = {r["ratio"]: r for r in results if r["method"].startswith("two-stage")}
+    dense = next((r for r in results if r["kind"] == "dense"), None)
+    two_stage = {r["ratio"]: r for r in results if r["kind"] == "two-stage"}
     lines = [
-        "| model | prune ratio | layout | parameters | PubMed PPL | Wikipedia PPL | PubMed / two-stage | Wikipedia / two-stage |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | prune ratio | seed | parameters | PubMed PPL | Wikipedia PPL | PubMed / dense LoRA | PubMed / two-stage "
+        "| freeze flips | commit, date |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        vs_dense = f"{r['PubMed'] / dense['PubMed']:.2f}" if dense and r["kind"] not in ("base", "dense") else ""
         ref = two_stage.get(r["ratio"])
-        rel = (
-            (f"{r['PubMed'] / ref['PubMed']:.3f}", f"{r['Wikipedia'] / ref['Wikipedia']:.3f}")
-            if ref and not r["method"].startswith("two-stage")
-            else ("", "")
-        )
+        vs_two = f"{r['PubMed'] / ref['PubMed']:.2f}" if ref and r["kind"] not in ("two-stage", "base", "dense") else ""
+        flips = f"{r['freeze_flips'] / r['groups']:.2%}" if r.get("groups") else ""
+        when = f"{r['commit']}, {r['date']}" if r.get("commit") else ""
         lines.append(
-            f"| {r['method']} | {r['ratio']} | {r['layout']} | {r['params']:,} | {r['PubMed']:.2f} | "
-            f"{r['Wikipedia']:.2f} | {rel[0]} | {rel[1]} |"
+            f"| {r['method']} | {r['ratio']} | {r.get('seed') or ''} | {r['params']:,} | {r['PubMed']:.2f} | "
+            f"{r['Wikipedia']:.2f} | {vs_dense} | {vs_two} | {flips} | {when} |"
         )
     return "\n".join(lines)
+
+
+def seed_summary(results: list[dict]) -> str:
+    lines = []
+    for kind in ("atp", "ablation"):
+        values = [r["PubMed"] for r in results if r["kind"] == kind and r["ratio"] == 0.3]
+        if len(values) >= 2:
+            lines.append(
+                f"| {METHODS[kind]} | {len(values)} | {statistics.mean(values):.2f} | {statistics.stdev(values):.2f} "
+                f"| {min(values):.2f}-{max(values):.2f} |"
+            )
+    if not lines:
+        return ""
+    head = "| seeds at 0.3 | runs | mean PubMed PPL | std | range |\n|---|---|---|---|---|"
+    return head + "\n" + "\n".join(lines)
+
+
+TARGETS = {0.2: 1.25, 0.3: 1.5, 0.4: 1.8, 0.5: 2.5}
+
+
+def format_targets(results: list[dict]) -> str:
+    by = {(r["kind"], r["ratio"], r.get("seed")): r for r in results}
+    dense, base = by.get(("dense", 0.0, 42)), by.get(("base", 0.0, None))
+    lines = ["| target | measured | status |", "|---|---|---|"]
+    for ratio, limit in TARGETS.items():
+        atp = by.get(("atp", ratio, 42))
+        if atp and dense:
+            value = atp["PubMed"] / dense["PubMed"]
+            lines.append(f"| ATP / dense LoRA at {ratio} at most {limit} | {value:.2f} | {_status(value <= limit)} |")
+        else:
+            lines.append(f"| ATP / dense LoRA at {ratio} at most {limit} | not yet measured | - |")
+    for ratio in TARGETS:
+        atp, two = by.get(("atp", ratio, 42)), by.get(("two-stage", ratio, 42))
+        if atp and two:
+            value = atp["PubMed"] / two["PubMed"]
+            lines.append(f"| ATP / two-stage at {ratio} at most 0.9 | {value:.2f} | {_status(value <= 0.9)} |")
+    atp = by.get(("atp", 0.2, 42))
+    if atp and base:
+        value = atp["Wikipedia"] / base["Wikipedia"]
+        lines.append(f"| Wikipedia at 0.2 / base at most 1.5 | {value:.2f} | {_status(value <= 1.5)} |")
+    return "\n".join(lines)
+
+
+def _status(met: bool) -> str:
+    return "met" if met else "**missed**"
 
 
 def write_plot(results: list[dict], path: Path) -> Path:
@@ -197,27 +359,20 @@ def write_plot(results: list[dict], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("PubMed", "Wikipedia"), strict=True):
-        for method, marker in (("ATP", "o"), ("two-stage (Wanda-sp, then LoRA)", "s")):
-            pts = sorted(
-                (r["ratio"], r[metric]) for r in results if r["method"] == method and r["layout"] == "per_layer"
-            )
+        for kind, marker in (("atp", "o"), ("atp-nokd", "^"), ("two-stage", "s")):
+            pts = sorted((r["ratio"], r[metric]) for r in results if r["kind"] == kind and r.get("seed") == 42)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+                ax.plot(*zip(*pts, strict=True), marker=marker, label=METHODS[kind])
         for r in results:
-            if r["method"] in ("base (no training)", "dense LoRA"):
-                ax.axhline(
-                    r[metric],
-                    linestyle="--",
-                    linewidth=1,
-                    color="grey" if r["name"] == "base" else "black",
-                    label=f"{r['method']} (unpruned)",
-                )
-            elif r["method"].startswith("ATP without") or r["layout"] == "uniform":
-                ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['method']} ({r['layout']})")
+            if r["kind"] in ("base", "dense"):
+                color = "grey" if r["kind"] == "base" else "black"
+                ax.axhline(r[metric], linestyle="--", linewidth=1, color=color, label=f"{r['method']} (unpruned)")
+            elif r["kind"] in ("ablation", "atp-uniform") or (r["kind"] == "atp" and r.get("seed") != 42):
+                ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['name']}")
         ax.set_xlabel("prune ratio (of prunable parameters)")
         ax.set_ylabel(f"{metric} perplexity (exported model)")
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
