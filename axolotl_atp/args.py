@@ -78,14 +78,14 @@ class ATPConfig(BaseModel):
         description="Weight alpha of the budget loss alpha*|log(remaining/total) - log(target)|, where target "
         "follows `budget_schedule`.",
     )
-    budget_schedule: Literal["cubic", "linear", "constant"] = Field(
-        default="cubic",
-        description="The remaining ratio the generator is asked for during the control phase: `cubic` ramps it "
-        "from 1 to 1 - prune_ratio (fast first, slow at the end, as Zhu & Gupta and LoRAPrune), `linear` ramps it "
-        "evenly, `constant` asks for 1 - prune_ratio from the first step.",
+    budget_schedule: Literal["linear", "cubic", "constant"] = Field(
+        default="linear",
+        description="The remaining ratio the generator is asked for during the control phase: `linear` ramps it "
+        "evenly from 1 to 1 - prune_ratio, `cubic` fast first and slowly at the end (as Zhu & Gupta and "
+        "LoRAPrune), `constant` asks for 1 - prune_ratio from the first step.",
     )
     budget_ramp: float = Field(
-        default=0.75,
+        default=0.5,
         gt=0.0,
         le=1.0,
         description="Fraction of the control phase over which the target ramps; the rest holds the final target.",

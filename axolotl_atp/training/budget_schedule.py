@@ -1,12 +1,17 @@
 """The budget schedule: the remaining ratio the generator is asked for at each step of the control phase.
 
 A constant target (`1 - prune_ratio` from the first step) moves the generator at the pace of the budget
-loss, whatever the target, and leaves the freeze to remove what the generator had not reached. The cubic
-schedule of Zhu & Gupta (arXiv 1710.01878), as LoRAPrune uses it, ramps the target from 1 (dense) to
-`1 - prune_ratio` over the first `ramp` fraction of the control phase, fast at first and slowly at the end,
-then holds it, so that the generator settles on the final budget before the masks freeze:
+loss, whatever the target, and leaves the freeze to remove what the generator had not reached. A schedule
+ramps the target from 1 (dense) to `1 - prune_ratio` over the first `ramp` fraction of the control phase,
+then holds it, so that the generator follows a target it can reach and settles on the final budget before
+the masks freeze:
 
-    target(t) = final + (1 - final) * (1 - min(1, (t + 1) / ramp_steps)) ** 3
+    linear: target(t) = final + (1 - final) * (1 - p),   p = min(1, (t + 1) / ramp_steps)
+    cubic:  target(t) = final + (1 - final) * (1 - p)^3  (Zhu & Gupta, arXiv 1710.01878; LoRAPrune)
+
+`linear` is the default: on the toy importance test (tests/test_core.py, 48 live and 48 dead channels) the
+cubic ramp, which removes most of the budget early, separated live from dead channels less well than the
+linear ramp or a constant target, over two seeds.
 """
 
 from __future__ import annotations
