@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from axolotl_atp.errors import ATPUserError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -105,17 +107,12 @@ SPECS: tuple[ArchitectureSpec, ...] = (
 )
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(ATPUserError, ValueError):
     """The model family has no `ArchitectureSpec`."""
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for spec in SPECS for t in spec.model_types)
-
-
-def text_config_of(config: Any) -> Any:
-    """The config holding the decoder geometry of a model of a supported family."""
-    return spec_for(config.model_type).text_config_of(config)
 
 
 def spec_for(model_type: str) -> ArchitectureSpec:

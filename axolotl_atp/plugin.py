@@ -10,6 +10,8 @@ from axolotl_atp.args import ATPConfig, force_fused_kernels_off, plugin_listed
 from axolotl_atp.log import get_logger
 
 LOG = get_logger(__name__)
+# The seed when neither `atp.seed` nor axolotl's `seed` is set.
+DEFAULT_SEED = 42
 
 
 def atp_config(cfg: Any) -> ATPConfig | None:
@@ -19,10 +21,15 @@ def atp_config(cfg: Any) -> ATPConfig | None:
     return ATPConfig(**dict(cfg["atp"]))
 
 
+def axolotl_seed(cfg: Any) -> int:
+    """axolotl's `seed`, or `DEFAULT_SEED`."""
+    seed = cfg.get("seed")
+    return int(seed) if seed is not None else DEFAULT_SEED
+
+
 def run_seed(cfg: Any, atp_cfg: ATPConfig) -> int:
-    if atp_cfg.seed is not None:
-        return atp_cfg.seed
-    return int(cfg.get("seed") or 42)
+    """The seed of ATP's generator, its noise and the calibration split: `atp.seed`, else axolotl's."""
+    return atp_cfg.seed if atp_cfg.seed is not None else axolotl_seed(cfg)
 
 
 class ATPPlugin(BasePlugin):
@@ -63,7 +70,7 @@ class ATPPlugin(BasePlugin):
         # axolotl seeds only when the trainer is built, after the LoRA weights are initialised, so two runs
         # with the same `seed` start from different adapters. A run killed and resumed must end where an
         # uninterrupted run ends, so the adapter's initialisation follows `seed` too.
-        set_seed(int(cfg.seed if cfg.seed is not None else 42))
+        set_seed(axolotl_seed(cfg))
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         if atp_config(cfg) is None or cfg.resume_from_checkpoint or not cfg.auto_resume_from_checkpoints:

@@ -26,9 +26,9 @@ def masked_qlora_model(model_dir: Path, run: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from axolotl_atp.architectures import spec_for
+    from axolotl_atp.groups import ModelGeometry
     from axolotl_atp.masking import MaskedModel, MaskMode
     from axolotl_atp.masks_file import read_masks
-    from axolotl_atp.groups import ModelGeometry
 
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,

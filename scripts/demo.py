@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo-level devkit/ (not part of the installed package)
 
 from devkit.assets import OFFLINE_ENV as OFFLINE  # noqa: E402
+
 OUT = ROOT / "demo-output"
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
 EVAL_TOKENS = 8_192
@@ -38,10 +39,10 @@ def masked_perplexity(model_dir: Path, run_dir: Path, ids) -> float:
     from transformers import AutoConfig
 
     from axolotl_atp.architectures import spec_for
-    from devkit.evaluation import perplexity
     from axolotl_atp.export.verify import reference_model
-    from axolotl_atp.masks_file import read_masks
     from axolotl_atp.groups import ModelGeometry
+    from axolotl_atp.masks_file import read_masks
+    from devkit.evaluation import perplexity
 
     config = AutoConfig.from_pretrained(model_dir)
     spec = spec_for(config.model_type)

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from axolotl_atp.architectures import UnsupportedArchitectureError, spec_for
 from axolotl_atp.args import ATPConfig
-from axolotl_atp.training.controller import ATPController
 from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
 from axolotl_atp.export.slicing import slice_layer
-from axolotl_atp.masking import MaskedModel, MaskMode
-from axolotl_atp.training.group_lasso import GroupLasso
 from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
+from axolotl_atp.masking import MaskedModel, MaskMode
+from axolotl_atp.training.controller import ATPController
+from axolotl_atp.training.group_lasso import GroupLasso
 from tests.kit import GEMMA3_LORA_TARGETS, tiny_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
@@ -88,10 +88,9 @@ def test_parameter_count_matches_sliced_model(family):
     kept = random_kept(geo, seed=1, uniform=True)
     small = physically_pruned(model, kept, spec, geo)
     small_prunable = [m for n, m in small.named_modules() if n.split(".")[-1] in TARGETS and "vision" not in n]
-    counts = {s: [len(k) for k in kept[s]] for s in kept}
-    assert counter.remaining_from_counts(counts) == sum(p.numel() for m in small_prunable for p in m.parameters())
+    assert counter.remaining_from_kept(kept) == sum(p.numel() for m in small_prunable for p in m.parameters())
     masks = Decision(kept=kept, geo=geo).masks()
-    assert int(counter.remaining(masks)) == counter.remaining_from_counts(counts)
+    assert int(counter.remaining(masks)) == counter.remaining_from_kept(kept)
 
 
 def test_qwen2_biases_are_counted_and_sliced():
@@ -110,11 +109,9 @@ def test_gemma3_multimodal_spec_reads_the_text_config_and_checkpoint_names(tmp_p
     """The geometry comes from `text_config`; every key transformers writes for the model maps to a module name."""
     from safetensors import safe_open
 
-    from axolotl_atp.architectures import text_config_of
-
     model = tiny("gemma3")
     spec, geo = geometry(model)
-    assert text_config_of(model.config) is model.config.text_config
+    assert spec.text_config_of(model.config) is model.config.text_config
     assert (geo.num_layers, geo.num_heads, geo.num_kv_heads, geo.head_dim, geo.intermediate_size) == (2, 4, 2, 16, 96)
     assert len(model.get_submodule(spec.layers_path)) == geo.num_layers
     model.save_pretrained(tmp_path)
@@ -230,7 +227,7 @@ def test_freeze_meets_budget_within_granularity(family, layout, ratio):
         scores, geo, counter, ratio, layout, {HEADS: 1, MLP: 8}, {HEADS: 1, MLP: 8}, accept_heads=accept
     )
     counts = decision.counts()
-    achieved = 1 - counter.remaining_from_counts(counts) / counter.prunable_total
+    achieved = 1 - counter.remaining_from_kept(decision.kept) / counter.prunable_total
     layers = geo.num_layers if layout == "uniform" else 1
     step = min(counter.cost_per_group[HEADS], 8 * counter.cost_per_group[MLP]) * layers
     assert ratio - 1e-9 <= achieved <= ratio + step / counter.prunable_total + 1e-9
@@ -310,7 +307,8 @@ def test_non_finite_loss_stops_with_step_and_term():
 
 
 def _masks_file(tmp_path, peft_model, layout: str, ratio: float):
-    from axolotl_atp.masks_file import decision_to_json, write_json_atomic
+    from axolotl_atp.atomic_files import write_json_atomically
+    from axolotl_atp.masks_file import decision_to_json
 
     spec, geo = geometry(peft_model.get_base_model())
     decision = Decision(kept=random_kept(geo, 7, uniform=layout == "uniform"), geo=geo)
@@ -319,7 +317,7 @@ def _masks_file(tmp_path, peft_model, layout: str, ratio: float):
         decision, model_type="llama", prune_ratio=ratio, layout=layout, structures=[HEADS, MLP], counter=counter
     )
     path = tmp_path / "decision.json"
-    write_json_atomic(data, path)
+    write_json_atomically(data, path)
     return path, decision
 
 
@@ -366,7 +364,7 @@ def test_atp_state_write_error_names_the_file_and_fix(tmp_path, monkeypatch):
     """The full-disk path without a real small disk: an ENOSPC from the writer."""
     import errno
 
-    from axolotl_atp import state as state_module
+    from axolotl_atp.training import checkpoint_state as state_module
 
     def no_space(obj, path):
         open(path, "wb").close()

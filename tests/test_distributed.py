@@ -39,8 +39,8 @@ def tiny_lora_model():
 
 def run_controller(rank: int, *, average: bool, check: bool) -> dict:
     """STEPS controller steps on rank-specific calibration data; what each rank saw, step by step."""
-    from axolotl_atp.training import distributed
     from axolotl_atp.args import ATPConfig
+    from axolotl_atp.training import distributed
     from axolotl_atp.training.controller import ATPController
 
     real_average, real_check = distributed.average_gradients, distributed.check_same

@@ -326,7 +326,7 @@ def test_truncated_masks_file_is_refused(trained_run, tmp_path):
 
 
 def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
-    from axolotl_atp.export import checkpoint
+    from axolotl_atp.export import sources as checkpoint
 
     _, _, cfg = trained_run
     out = tmp_path / "export"

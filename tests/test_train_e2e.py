@@ -209,8 +209,8 @@ def test_data_parallel_on_two_cpu_processes(tmp_path, tiny_llama, tiny_data):
 
     import torch
 
-    from axolotl_atp.training.distributed import kept_digest, masks_digest
     from axolotl_atp.training.checkpoint_state import load_state
+    from axolotl_atp.training.distributed import kept_digest, masks_digest
     from tests.kit import OFFLINE_ENV
 
     root = Path(__file__).parents[1]

@@ -8,14 +8,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from axolotl_atp.training import distributed
 from axolotl_atp.args import ATPConfig
-from axolotl_atp.training.calibration import CalibrationSampler
-from axolotl_atp.training.controller import ATPController
-from axolotl_atp.masking import MaskMode, base_layer_of, count_parameters
+from axolotl_atp.atomic_files import write_json_atomically
 from axolotl_atp.log import get_logger
-from axolotl_atp.masks_file import decision_to_json, write_json_atomic
-from axolotl_atp.training.checkpoint_state import load_state, save_state
+from axolotl_atp.masking import MaskMode
+from axolotl_atp.masks_file import decision_to_json
+from axolotl_atp.peft_unwrap import base_layer_of, count_parameters
+from axolotl_atp.training import distributed
+from axolotl_atp.training.calibration import CalibrationSampler
+from axolotl_atp.training.checkpoint_state import checkpoint_dir, load_state, save_state
+from axolotl_atp.training.controller import ATPController
 
 LOG = get_logger(__name__)
 # Warn when the generator's sampled remaining ratio is this far above the target at the freeze.
@@ -53,7 +55,7 @@ class ATPCallback(TrainerCallback):
 
     # --- events --------------------------------------------------------------------------------
     @staticmethod
-    def _writer(state: TrainerState) -> bool:
+    def _writes_files(state: TrainerState) -> bool:
         """Only global rank 0 writes ATP files. The process-group rank is checked too: a process group
         that the Trainer does not know about (e.g. torchrun on CPUs without ACCELERATE_USE_CPU) would
         otherwise make every rank "process zero"."""
@@ -75,6 +77,21 @@ class ATPCallback(TrainerCallback):
             )
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._refuse_sharded_trainer()
+        self.controller = ATPController(
+            self.trainer.model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
+        )
+        if self.calibration_dataset is not None:
+            batch_size = self.atp_cfg.calibration_batch_size or args.per_device_train_batch_size
+            self.sampler = CalibrationSampler(
+                self.calibration_dataset, self.trainer.data_collator, batch_size, self.seed
+            )
+        if state.global_step > 0:
+            self._restore(checkpoint_dir(Path(args.output_dir), state.global_step))
+        self._log_plan()
+
+    def _refuse_sharded_trainer(self) -> None:
+        """The last line of defence against FSDP/DeepSpeed turned on where the config validation cannot see."""
         for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
             if getattr(self.trainer, flag, False):
                 raise ValueError(
@@ -83,20 +100,16 @@ class ATPCallback(TrainerCallback):
                     "Fix: launch plain data parallel (accelerate `distributed_type: MULTI_GPU`, or torchrun) or "
                     "use one GPU."
                 )
-        model = self.trainer.model
-        self.controller = ATPController(
-            model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
-        )
-        if self.calibration_dataset is not None:
-            batch_size = self.atp_cfg.calibration_batch_size or args.per_device_train_batch_size
-            self.sampler = CalibrationSampler(
-                self.calibration_dataset, self.trainer.data_collator, batch_size, self.seed
-            )
-        if state.global_step > 0:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self.controller.load_state_dict(load_state(checkpoint))
-            LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
+
+    def _restore(self, checkpoint: Path) -> None:
+        assert self.controller is not None
+        self.controller.load_state_dict(load_state(checkpoint))
+        LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
+
+    def _log_plan(self) -> None:
+        """What this run prunes, and when the masks freeze."""
         c = self.controller
+        assert c is not None
         if self.atp_cfg.decision_file is not None:
             LOG.info("axolotl-atp: fixed decision from %s; no generator is trained", self.atp_cfg.decision_file)
         down_proj = c.masked.layers[0].get_submodule(c.spec.down)
@@ -152,10 +165,10 @@ class ATPCallback(TrainerCallback):
         self._save_state(args, state)  # for saves outside the step loop (e.g. per epoch)
 
     def _save_state(self, args: TrainingArguments, state: TrainerState) -> None:
-        if self.controller is None or not self._writer(state) or self._saved_step == state.global_step:
+        if self.controller is None or not self._writes_files(state) or self._saved_step == state.global_step:
             return
         self._saved_step = state.global_step
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = checkpoint_dir(Path(args.output_dir), state.global_step)
         save_state(self.controller.state_dict(), checkpoint)
         # Logged from whichever process writes, so a second writer would show in the log.
         LOG.info("axolotl-atp: saved generator, masks and decision to %s", checkpoint, main_process_only=False)
@@ -174,7 +187,7 @@ class ATPCallback(TrainerCallback):
                 distributed.kept_digest(decision.kept),
                 main_process_only=False,
             )
-        if not self._writer(state):
+        if not self._writes_files(state):
             return
         data = decision_to_json(
             decision,
@@ -185,10 +198,10 @@ class ATPCallback(TrainerCallback):
             counter=c.counter,
             total_params_before=count_parameters(self.trainer.model),
             base_model=self.base_model,
+            group_lasso={"mode": self.atp_cfg.group_lasso, "pruned_slice_norm": c.lasso.pruned_norm(c.hard_masks)},
         )
-        data["group_lasso"] = {"mode": self.atp_cfg.group_lasso, "pruned_slice_norm": c.lasso.pruned_norm(c.hard_masks)}
         path = Path(args.output_dir) / self.atp_cfg.masks_file
-        write_json_atomic(data, path)
+        write_json_atomically(data, path)
         LOG.info(
             "axolotl-atp: wrote %s (achieved prune ratio %.4f of prunable parameters, target %.4f)",
             path,

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from axolotl_atp.groups import kept_indices
+
 
 class RankDivergenceError(RuntimeError):
     """The ranks of a data-parallel run no longer agree on ATP's generator or masks."""
@@ -129,4 +131,4 @@ def kept_digest(kept: dict[str, list[list[int]]]) -> str:
 
 def masks_digest(masks: dict[str, torch.Tensor]) -> str:
     """`kept_digest` of hard masks (1 = kept), so the masks a rank trains with compare with a masks file."""
-    return kept_digest({s: [torch.nonzero(row >= 0.5).flatten().tolist() for row in m] for s, m in masks.items()})
+    return kept_digest(kept_indices(masks))

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from axolotl_atp.masking import unwrap_base_model
 from axolotl_atp.groups import Masks, ModelGeometry, SliceRef
+from axolotl_atp.peft_unwrap import unwrap_base_model
 
 
 @dataclass(frozen=True)
