@@ -89,7 +89,7 @@ SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec(family="gemma3_text", model_types=("gemma3_text",), mlp_bias=False),
     # Multimodal Gemma 3 (4B and up): the Gemma 3 text decoder under `model.language_model`, its
     # geometry in `config.text_config`; the SigLIP vision tower and the projector are copied whole.
-    # Checkpoints (the Hub's, and what transformers 5 writes) use the pre-5.0 key names.
+    # compat(transformers 5.16): checkpoints (the Hub's, and what transformers 5 writes) use the pre-5.0 key names.
     ArchitectureSpec(
         family="gemma3",
         model_types=("gemma3",),

@@ -138,6 +138,7 @@ def freeze_decision(
     return Decision(kept=kept, geo=geo, notes=notes)
 
 
+# compat(transformers 5.16): the stock configs' head-count check.
 def stock_config_accepts_heads(geo: ModelGeometry) -> Callable[[int], bool]:
     """transformers 5.16's configs refuse a hidden_size that is not a multiple of num_attention_heads,
     even with head_dim set: only KV-head counts whose query-head count divides hidden_size export."""

@@ -43,7 +43,7 @@ class ATPPlugin(BasePlugin):
         return "axolotl_atp.args.ATPArgs"
 
     def register(self, cfg: dict) -> None:
-        # Runs on the raw config before validation: turning the fused kernels off here stops axolotl
+        # compat(axolotl 0.19): runs on the raw config before validation: turning the fused kernels off here stops axolotl
         # from auto-enabling them (the args validator does it again for programmatic paths).
         if plugin_listed(cfg) and cfg.get("atp") is not None:
             force_fused_kernels_off(cfg)
@@ -67,7 +67,7 @@ class ATPPlugin(BasePlugin):
             return
         from transformers import set_seed
 
-        # axolotl seeds only when the trainer is built, after the LoRA weights are initialised, so two runs
+        # compat(axolotl 0.19): axolotl seeds only when the trainer is built, after the LoRA weights are initialised, so two runs
         # with the same `seed` start from different adapters. A run killed and resumed must end where an
         # uninterrupted run ends, so the adapter's initialisation follows `seed` too.
         set_seed(axolotl_seed(cfg))
@@ -79,7 +79,7 @@ class ATPPlugin(BasePlugin):
 
         from axolotl_atp.training.checkpoint_state import last_complete_checkpoint
 
-        # axolotl's auto-resume takes the newest checkpoint folder, even one whose save was killed
+        # compat(axolotl 0.19): axolotl's auto-resume takes the newest checkpoint folder, even one whose save was killed
         # midway; resume from the newest complete one instead (the others are left as they are).
         checkpoint, skipped = last_complete_checkpoint(Path(cfg.output_dir))
         if skipped:

@@ -76,7 +76,7 @@ def model_card(report: dict[str, Any]) -> str:
         if uniform
         else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
     )
-    # The tokenizer is a stock one; transformers reads config.json first, and with trust_remote_code=False
+    # compat(transformers 5.16): the tokenizer is a stock one, but transformers reads config.json first; with trust_remote_code=False
     # it skips the per_layer config's remote class instead of asking whether to run it.
     tokenizer_loader = (
         "AutoTokenizer.from_pretrained(path)"

@@ -51,7 +51,7 @@ def verify_export(plan: MergePlan, folder: Path, stats: ExportStats) -> LogitChe
     """Load the export in `folder` and compare its logits with the merged, masked model's; raise if they differ."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # The tokenizer needs no remote code: transformers reads config.json first, and with
+    # compat(transformers 5.16): the tokenizer needs no remote code, but transformers reads config.json first; with
     # trust_remote_code=False it skips the per_layer config's remote class instead of asking.
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     batches = tokenize_batches(tokenizer, sample_texts(plan.cfg.datasets))
