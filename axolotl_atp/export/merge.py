@@ -23,11 +23,19 @@ from axolotl_atp.args import ATPConfig, plugin_listed
 from axolotl_atp.atomic_files import is_disk_full, replace_folder, temporary_sibling
 from axolotl_atp.decision import Decision
 from axolotl_atp.errors import MergeError
-from axolotl_atp.export.pruned import ExportStats
+from axolotl_atp.export.pruned import (
+    ExportStats,
+    uniform_config,
+    widths,
+    write_per_layer_config,
+    write_pruned_weights,
+)
+from axolotl_atp.export.report import build_report, plot_widths, write_report
 from axolotl_atp.export.sources import BaseCheckpoint, LoraAdapter
-from axolotl_atp.export.verify import LogitCheck
+from axolotl_atp.export.verify import LogitCheck, verify_export
 from axolotl_atp.groups import ModelGeometry, ParameterCounter, slice_refs
 from axolotl_atp.log import get_logger
+from axolotl_atp.masks_file import read_masks
 
 LOG = get_logger(__name__)
 
@@ -182,9 +190,6 @@ def plan_merge(config_path: str, output_dir: str | None, overwrite: bool, base_w
     """Read and check the config, output folder, adapter and masks file; nothing is written."""
     from transformers import AutoConfig
 
-    from axolotl_atp.export.pruned import uniform_config
-    from axolotl_atp.masks_file import read_masks
-
     cfg = load_merge_config(config_path)
     atp_cfg = ATPConfig(**dict(cfg.atp))
     run_dir = Path(cfg.output_dir)
@@ -229,8 +234,6 @@ def plan_merge(config_path: str, output_dir: str | None, overwrite: bool, base_w
 def write_export(plan: MergePlan, folder: Path, started: float) -> WrittenExport:
     """The merged, pruned weights, the config (with the remote code of per_layer), the generation config
     and the tokenizer, into `folder`."""
-    from axolotl_atp.export.pruned import write_per_layer_config, write_pruned_weights
-
     LOG.info(
         "axolotl-atp: merging %s + %s into %s (%s layout, %s base weights)",
         plan.base_dir,
@@ -271,9 +274,6 @@ def write_export(plan: MergePlan, folder: Path, started: float) -> WrittenExport
 
 def write_report_files(plan: MergePlan, folder: Path, written: WrittenExport, check: LogitCheck | None) -> dict:
     """`atp_report.json`, the model card, the widths plot and a copy of the masks file; return the report."""
-    from axolotl_atp.export.pruned import widths
-    from axolotl_atp.export.report import build_report, plot_widths, write_report
-
     report = build_report(plan, written, check)
     write_report(folder, report)
     plot_widths(*widths(plan.decision, plan.geo), plan.geo, folder / "atp_widths.png")
@@ -307,8 +307,6 @@ def run_merge(
     verify: bool = True,
 ) -> Path:
     """Merge, prune, write and verify; return the output folder."""
-    from axolotl_atp.export.verify import verify_export
-
     started = time.time()
     # 1. plan: every input checked, and room for the export, before any weight is read
     plan = plan_merge(config_path, output_dir, overwrite, base_weights)
