@@ -78,8 +78,9 @@ class ATPCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self._refuse_sharded_trainer()
+        model = self.trainer.model
         self.controller = ATPController(
-            self.trainer.model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
+            model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
         )
         if self.calibration_dataset is not None:
             batch_size = self.atp_cfg.calibration_batch_size or args.per_device_train_batch_size
