@@ -123,25 +123,42 @@ class ATPConfig(BaseModel):
         "first step: no generator is trained, and its layout and prune_ratio are the run's.",
     )
 
+    # One validator per rule; pydantic runs them in this order (the decision file last).
     @model_validator(mode="after")
-    def _check_consistency(self) -> ATPConfig:
+    def require_a_structure(self) -> ATPConfig:
         if not self.structures:
             raise ValueError(
                 "atp.structures is empty: nothing could be pruned. Fix: list at least one of "
                 "`attention_heads`, `mlp_channels`."
             )
+        return self
+
+    @model_validator(mode="after")
+    def refuse_repeated_structures(self) -> ATPConfig:
         if len(set(self.structures)) != len(self.structures):
             raise ValueError(f"atp.structures lists a structure twice ({self.structures}). Fix: list each once.")
+        return self
+
+    @model_validator(mode="after")
+    def require_whole_generator_heads(self) -> ATPConfig:
         if self.generator_hidden_size % self.generator_num_heads:
             raise ValueError(
                 f"atp.generator_hidden_size ({self.generator_hidden_size}) must be a multiple of "
                 f"atp.generator_num_heads ({self.generator_num_heads}). Fix: change one of them."
             )
+        return self
+
+    @model_validator(mode="after")
+    def require_whole_calibration_row_count(self) -> ATPConfig:
         if self.calibration_size >= 1 and self.calibration_size != int(self.calibration_size):
             raise ValueError(
                 f"atp.calibration_size = {self.calibration_size}: a value of 1 or more is a row count "
                 "and must be a whole number. Fix: use a fraction below 1 or an integer."
             )
+        return self
+
+    @model_validator(mode="after")
+    def adopt_decision_file(self) -> ATPConfig:
         if self.decision_file is not None:
             self._adopt_decision_file()
         return self
