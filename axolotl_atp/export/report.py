@@ -76,12 +76,12 @@ def model_card(report: dict[str, Any]) -> str:
         if uniform
         else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
     )
-    # compat(transformers 5.16): the tokenizer is a stock one, but transformers reads config.json first; with trust_remote_code=False
-    # it skips the per_layer config's remote class instead of asking whether to run it.
+    # compat(transformers 5.16): the tokenizer is a stock one, but AutoTokenizer reads config.json first;
+    # trust_remote_code=False skips the per_layer config's remote class instead of asking whether to run it.
     tokenizer_loader = (
         "AutoTokenizer.from_pretrained(path)"
         if uniform
-        else ("AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # the tokenizer needs no remote code")
+        else "AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # the tokenizer needs no remote code"
     )
     datasets = ", ".join(report.get("datasets") or []) or "see the training config"
     return f"""---
