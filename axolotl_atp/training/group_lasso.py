@@ -117,7 +117,7 @@ def add_group_lasso_to_loss(trainer: Any, callback: Any) -> None:
         if controller is None or not model.training:
             return result
         penalty = controller.penalty()
-        # compat(transformers 5.16): the HF Trainer divides the returned loss by the accumulation steps only in this case; otherwise
+        # The HF Trainer divides the returned loss by the accumulation steps only in this case; otherwise
         # the CE is already normalised over the whole accumulated batch, and the term must be too.
         if (
             getattr(trainer, "model_accepts_loss_kwargs", False)
