@@ -113,15 +113,14 @@ class ATPCallback(TrainerCallback):
         assert c is not None
         if self.atp_cfg.decision_file is not None:
             LOG.info("axolotl-atp: fixed decision from %s; no generator is trained", self.atp_cfg.decision_file)
-        down_proj = c.masked.layers[0].get_submodule(c.spec.down)
+        base_linear = type(base_layer_of(c.masked.layers[0].get_submodule(c.spec.down))).__name__
+        groups = ", ".join(f"{c.geo.num_groups(s)} {s} per layer" for s in c.structures)
+        LOG.info("axolotl-atp: %d layers (base Linear class %s), %s", c.geo.num_layers, base_linear, groups)
         LOG.info(
-            "axolotl-atp: %d layers (base Linear class %s), %s; prunable parameters %d; target prune ratio "
-            "%.3f; generator trains for %d of %d steps, then the masks freeze (%s layout)",
-            c.geo.num_layers,
-            type(base_layer_of(down_proj)).__name__,
-            ", ".join(f"{c.geo.num_groups(s)} {s} per layer" for s in c.structures),
-            c.counter.prunable_total,
+            "axolotl-atp: target prune ratio %.3f of %d prunable parameters; the generator trains for %d of %d "
+            "steps, then the masks freeze (%s layout)",
             self.atp_cfg.prune_ratio,
+            c.counter.prunable_total,
             c.control_steps,
             c.total_steps,
             self.atp_cfg.layout,
