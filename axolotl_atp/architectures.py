@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from axolotl_atp.errors import ATPUserError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -87,7 +89,7 @@ SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec(family="gemma3_text", model_types=("gemma3_text",), mlp_bias=False),
     # Multimodal Gemma 3 (4B and up): the Gemma 3 text decoder under `model.language_model`, its
     # geometry in `config.text_config`; the SigLIP vision tower and the projector are copied whole.
-    # Checkpoints (the Hub's, and what transformers 5 writes) use the pre-5.0 key names.
+    # compat(transformers 5.16): checkpoints (the Hub's, and what transformers 5 writes) use the pre-5.0 key names.
     ArchitectureSpec(
         family="gemma3",
         model_types=("gemma3",),
@@ -105,17 +107,12 @@ SPECS: tuple[ArchitectureSpec, ...] = (
 )
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(ATPUserError, ValueError):
     """The model family has no `ArchitectureSpec`."""
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for spec in SPECS for t in spec.model_types)
-
-
-def text_config_of(config: Any) -> Any:
-    """The config holding the decoder geometry of a model of a supported family."""
-    return spec_for(config.model_type).text_config_of(config)
 
 
 def spec_for(model_type: str) -> ArchitectureSpec:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from axolotl_atp.groups import Structure
 from axolotl_atp.log import get_logger
 
 LOG = get_logger(__name__)
@@ -21,8 +22,6 @@ PLUGIN_NAME = "axolotl_atp.ATPPlugin"
 # axolotl's fused LoRA kernels replace `lora.Linear.forward` with Triton code, so the mask hooks
 # ATP puts on the LoRA layers would never fire. They must be off whenever ATP is on.
 FUSED_LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-
-Structure = Literal["attention_heads", "mlp_channels"]
 
 
 class ATPConfig(BaseModel):
@@ -171,45 +170,78 @@ class ATPConfig(BaseModel):
         "first step: no generator is trained, and its layout and prune_ratio are the run's.",
     )
 
+    # One validator per rule; pydantic runs them in this order (the decision file last).
     @model_validator(mode="after")
-    def _check_consistency(self) -> ATPConfig:
+    def require_a_structure(self) -> ATPConfig:
         if not self.structures:
             raise ValueError(
                 "atp.structures is empty: nothing could be pruned. Fix: list at least one of "
                 "`attention_heads`, `mlp_channels`."
             )
+        return self
+
+    @model_validator(mode="after")
+    def refuse_repeated_structures(self) -> ATPConfig:
         if len(set(self.structures)) != len(self.structures):
             raise ValueError(f"atp.structures lists a structure twice ({self.structures}). Fix: list each once.")
+        return self
+
+    @model_validator(mode="after")
+    def require_whole_generator_heads(self) -> ATPConfig:
         if self.generator_hidden_size % self.generator_num_heads:
             raise ValueError(
                 f"atp.generator_hidden_size ({self.generator_hidden_size}) must be a multiple of "
                 f"atp.generator_num_heads ({self.generator_num_heads}). Fix: change one of them."
             )
+        return self
+
+    @model_validator(mode="after")
+    def require_whole_calibration_row_count(self) -> ATPConfig:
         if self.calibration_size >= 1 and self.calibration_size != int(self.calibration_size):
             raise ValueError(
                 f"atp.calibration_size = {self.calibration_size}: a value of 1 or more is a row count "
                 "and must be a whole number. Fix: use a fraction below 1 or an integer."
             )
+        return self
+
+    @model_validator(mode="after")
+    def check_self_teacher_has_labels(self) -> ATPConfig:
         if self.kd_weight > 0 and self.ce_weight == 0 and self.kd_teacher == "self":
             raise ValueError(
                 "atp.kd_teacher = 'self' with atp.ce_weight = 0: the student would only follow its own unmasked "
                 "copy and never learn from the labels. Fix: set atp.ce_weight above 0, or use kd_teacher: base."
             )
+        return self
+
+    @model_validator(mode="after")
+    def check_ce_weight_needs_distillation(self) -> ATPConfig:
         if self.kd_weight == 0 and self.ce_weight != 1.0:
             raise ValueError(
                 f"atp.ce_weight = {self.ce_weight} has no effect with atp.kd_weight = 0 (distillation off, the "
                 "plain training loss is used). Fix: remove atp.ce_weight, or set atp.kd_weight above 0."
             )
+        return self
+
+    @model_validator(mode="after")
+    def check_kd_calibration_has_a_teacher(self) -> ATPConfig:
         if self.kd_calibration and self.kd_weight == 0:
             raise ValueError(
                 "atp.kd_calibration = true needs a teacher, but atp.kd_weight = 0 turns distillation off. Fix: set "
                 "atp.kd_weight above 0, or remove atp.kd_calibration."
             )
+        return self
+
+    @model_validator(mode="after")
+    def check_kd_teacher(self) -> ATPConfig:
         if self.kd_teacher not in ("base", "self") and not (Path(self.kd_teacher) / "adapter_config.json").is_file():
             raise ValueError(
                 f"atp.kd_teacher = {self.kd_teacher!r} is neither `base`, `self` nor a LoRA adapter folder (no "
                 "adapter_config.json there). Fix: use `base`, `self`, or the folder of a LoRA adapter of this base."
             )
+        return self
+
+    @model_validator(mode="after")
+    def adopt_decision_file(self) -> ATPConfig:
         if self.decision_file is not None:
             self._adopt_decision_file()
         return self
@@ -268,55 +300,83 @@ def force_fused_kernels_off(cfg: Any) -> list[str]:
     return was_on
 
 
-def check_axolotl_config(cfg: Any) -> None:
-    """Refuse axolotl settings that ATP does not support, naming the key, the value and the fix."""
+# Keys ATP refuses whenever they are set (truthy), with the fix to name.
+UNSUPPORTED_KEYS = {
+    "sample_packing": "set `sample_packing: false` (packed rows are not supported by ATP yet)",
+    "deepspeed": "remove `deepspeed` (DeepSpeed is not supported by ATP yet; use one GPU or plain DDP)",
+    "fsdp": "remove `fsdp` (FSDP is not supported by ATP yet; use one GPU or plain DDP)",
+    "fsdp_config": "remove `fsdp_config` (FSDP is not supported by ATP yet; use one GPU or plain DDP)",
+    "relora": "remove `relora` (ReLoRA merges adapters mid-run, which ATP's masks do not follow)",
+    "peft_use_dora": "remove `peft_use_dora` (DoRA's magnitude vector is not masked by ATP yet)",
+    "lora_target_parameters": "remove `lora_target_parameters` (only LoRA on Linear modules is supported)",
+    "unfrozen_parameters": "remove `unfrozen_parameters` (full fine-tuning of base weights is not supported)",
+}
+# Model-parallel sizes: 1 (or unset) is a single shard, anything else is refused.
+MODEL_PARALLEL_KEYS = ("context_parallel_size", "tensor_parallel_size")
+# Set by `accelerate launch` from an accelerate config of `distributed_type: FSDP` or `DEEPSPEED`.
+ACCELERATE_SHARDING_ENV = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+
+
+def require_atp_block(cfg: Any) -> None:
     if cfg.get("atp") is None:
         raise ValueError(
             f"`plugins` lists {PLUGIN_NAME} but the config has no `atp:` block. Fix: add one, e.g. "
             "`atp: {prune_ratio: 0.3}` (every key has a default), or remove the plugin."
         )
-    merging = bool(cfg.get("merge_lora"))
+
+
+def require_lora_adapter(cfg: Any) -> None:
     adapter = cfg.get("adapter")
     if adapter not in ("lora", "qlora"):
         raise ValueError(
             f"adapter = {adapter!r}: ATP trains LoRA adapters alongside its pruning decision. "
             "Fix: set `adapter: lora` or `adapter: qlora` (with `load_in_4bit: true`)."
         )
-    if adapter == "qlora" and not cfg.get("load_in_4bit") and not merging:
+
+
+def require_4bit_for_qlora(cfg: Any) -> None:
+    """QLoRA trains on 4-bit weights; the merge (`merge_lora`) loads them unquantized."""
+    if cfg.get("adapter") == "qlora" and not cfg.get("load_in_4bit") and not cfg.get("merge_lora"):
         raise ValueError(
             "adapter = 'qlora' needs load_in_4bit = true. Fix: set `load_in_4bit: true`, or use `adapter: lora`."
         )
+
+
+def refuse_8bit(cfg: Any) -> None:
     if cfg.get("load_in_8bit"):
         raise ValueError(
             "load_in_8bit = true is not supported with ATP. Fix: use `adapter: qlora` with "
             "`load_in_4bit: true`, or LoRA in bf16/fp32."
         )
+
+
+def refuse_rl(cfg: Any) -> None:
     if cfg.get("rl"):
         raise ValueError(
             f"rl = {cfg.get('rl')!r}: ATP runs with supervised fine-tuning only. Fix: remove `rl`, "
             "or remove the ATP plugin."
         )
-    unsupported = {
-        "sample_packing": "set `sample_packing: false` (packed rows are not supported by ATP yet)",
-        "deepspeed": "remove `deepspeed` (DeepSpeed is not supported by ATP yet; use one GPU or plain DDP)",
-        "fsdp": "remove `fsdp` (FSDP is not supported by ATP yet; use one GPU or plain DDP)",
-        "fsdp_config": "remove `fsdp_config` (FSDP is not supported by ATP yet; use one GPU or plain DDP)",
-        "relora": "remove `relora` (ReLoRA merges adapters mid-run, which ATP's masks do not follow)",
-        "peft_use_dora": "remove `peft_use_dora` (DoRA's magnitude vector is not masked by ATP yet)",
-        "lora_target_parameters": "remove `lora_target_parameters` (only LoRA on Linear modules is supported)",
-        "unfrozen_parameters": "remove `unfrozen_parameters` (full fine-tuning of base weights is not supported)",
-        "context_parallel_size": "remove `context_parallel_size` (not supported by ATP yet)",
-        "tensor_parallel_size": "remove `tensor_parallel_size` (not supported by ATP yet)",
-    }
-    for key, fix in unsupported.items():
+
+
+def refuse_unsupported_keys(cfg: Any) -> None:
+    for key, fix in UNSUPPORTED_KEYS.items():
         value = cfg.get(key)
-        if key in ("context_parallel_size", "tensor_parallel_size") and value in (None, 1):
-            continue
         if value:
             raise ValueError(f"{key} = {value!r} is not supported with ATP. Fix: {fix}.")
-    # `accelerate launch` with an accelerate config of `distributed_type: FSDP` or `DEEPSPEED` turns them on
-    # through the environment, whatever the axolotl config says.
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+
+
+def refuse_model_parallelism(cfg: Any) -> None:
+    for key in MODEL_PARALLEL_KEYS:
+        value = cfg.get(key)
+        if value not in (None, 1):
+            raise ValueError(
+                f"{key} = {value!r} is not supported with ATP. Fix: remove `{key}` (not supported by ATP yet)."
+            )
+
+
+def refuse_sharding_from_accelerate(cfg: Any) -> None:
+    """`accelerate launch` turns FSDP/DeepSpeed on through the environment, whatever the axolotl config says."""
+    for var, what in ACCELERATE_SHARDING_ENV:
         value = os.environ.get(var, "")
         if value.lower() in ("true", "1", "yes"):
             raise ValueError(
@@ -324,6 +384,9 @@ def check_axolotl_config(cfg: Any) -> None:
                 f"{what}), which is not supported with ATP. Fix: launch with an accelerate config of "
                 "`distributed_type: MULTI_GPU` (plain DDP), or with torchrun, or on one GPU."
             )
+
+
+def require_freeze_before_end(cfg: Any) -> None:
     max_steps = cfg.get("max_steps")
     atp = cfg.get("atp") or {}
     control_steps = atp.get("control_steps") if isinstance(atp, dict) else None
@@ -332,3 +395,23 @@ def check_axolotl_config(cfg: Any) -> None:
             f"atp.control_steps = {control_steps} is not below max_steps = {max_steps}: the masks would "
             "never freeze before training ends. Fix: lower atp.control_steps (e.g. to half of max_steps)."
         )
+
+
+# In this order: the first rule a config breaks is the one reported.
+AXOLOTL_CONFIG_RULES = (
+    require_atp_block,
+    require_lora_adapter,
+    require_4bit_for_qlora,
+    refuse_8bit,
+    refuse_rl,
+    refuse_unsupported_keys,
+    refuse_model_parallelism,
+    refuse_sharding_from_accelerate,
+    require_freeze_before_end,
+)
+
+
+def check_axolotl_config(cfg: Any) -> None:
+    """Refuse axolotl settings that ATP does not support, naming the key, the value and the fix."""
+    for rule in AXOLOTL_CONFIG_RULES:
+        rule(cfg)

@@ -21,9 +21,14 @@ import click
 @click.option("--no-verify", is_flag=True, help="Skip the logit check of the export against the masked model.")
 def atp_merge(config: str, output_dir: str | None, overwrite: bool, base_weights: str, no_verify: bool) -> None:
     """Merge the LoRA adapter of an ATP run and write the physically pruned model."""
+    from axolotl_atp.errors import ATPUserError
     from axolotl_atp.export.merge import run_merge
 
-    run_merge(config, output_dir=output_dir, overwrite=overwrite, base_weights=base_weights, verify=not no_verify)
+    try:
+        run_merge(config, output_dir=output_dir, overwrite=overwrite, base_weights=base_weights, verify=not no_verify)
+    except ATPUserError as err:
+        # A refusal or a bad input: its message says everything, so no traceback. Other errors keep theirs.
+        raise click.ClickException(str(err)) from None
 
 
 @click.group()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from axolotl_atp.groups import HEADS, STRUCTURES, Masks, ModelGeometry, ParameterCounter
+from axolotl_atp.groups import HEADS, STRUCTURES, Masks, ModelGeometry, ParameterCounter, kept_or_all
 
 
 class BudgetError(ValueError):
@@ -40,10 +40,9 @@ class Decision:
             out[s] = mask
         return out
 
-    @classmethod
-    def from_masks(cls, masks: Masks, geo: ModelGeometry) -> Decision:
-        kept = {s: [torch.nonzero(row >= 0.5).flatten().tolist() for row in m] for s, m in masks.items()}
-        return cls(kept=kept, geo=geo)
+    def kept_groups(self, structure: str) -> list[list[int]]:
+        """Kept group indices per layer; all of them for a structure this decision does not prune."""
+        return kept_or_all(self.kept, structure, self.geo)
 
 
 def allowed_counts(n: int, round_to: int, minimum: int, accept: Callable[[int], bool] | None = None) -> list[int]:
@@ -139,6 +138,7 @@ def freeze_decision(
     return Decision(kept=kept, geo=geo, notes=notes)
 
 
+# compat(transformers 5.16): the stock configs' head-count check.
 def stock_config_accepts_heads(geo: ModelGeometry) -> Callable[[int], bool]:
     """transformers 5.16's configs refuse a hidden_size that is not a multiple of num_attention_heads,
     even with head_dim set: only KV-head counts whose query-head count divides hidden_size export."""

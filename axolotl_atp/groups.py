@@ -7,16 +7,18 @@ prunable matrix row or column belongs to one group; `SliceRef.group_index` recor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 from axolotl_atp.architectures import ArchitectureSpec
 
-HEADS = "attention_heads"
-MLP = "mlp_channels"
-STRUCTURES = (HEADS, MLP)
+# The kinds of groups ATP prunes, as the `atp.structures` key spells them.
+Structure = Literal["attention_heads", "mlp_channels"]
+STRUCTURES: tuple[Structure, ...] = get_args(Structure)
+HEADS, MLP = STRUCTURES
 
 Masks = dict[str, torch.Tensor]  # structure -> [num_layers, num_groups], 1 = keep
 
@@ -65,6 +67,19 @@ class ModelGeometry:
 
     def num_groups(self, structure: str) -> int:
         return self.num_kv_heads if structure == HEADS else self.intermediate_size
+
+
+def kept_or_all(kept: Mapping[str, list[list[int]]], structure: str, geo: ModelGeometry) -> list[list[int]]:
+    """The kept group indices per layer of `structure`. A structure absent from `kept` is not pruned:
+    every one of its groups is kept (in a decision, a masks file, an export and the parameter count)."""
+    if structure in kept:
+        return kept[structure]
+    return [list(range(geo.num_groups(structure))) for _ in range(geo.num_layers)]
+
+
+def kept_indices(masks: Masks) -> dict[str, list[list[int]]]:
+    """Hard masks (1 = kept) as kept group indices per structure and layer."""
+    return {s: [torch.nonzero(row >= 0.5).flatten().tolist() for row in mask] for s, mask in masks.items()}
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,9 @@ class ParameterCounter:
         self.prunable_total = geo.num_layers * per_layer
 
     def remaining(self, masks: Masks) -> torch.Tensor:
-        """Remaining prunable parameters; structures missing from `masks` count as fully kept."""
+        """Remaining prunable parameters, differentiable in the (soft or hard) masks.
+
+        A structure missing from `masks` is fully kept, as in `kept_or_all`: its mask is all ones."""
         total = torch.tensor(float(self.geo.num_layers * self.fixed_per_layer))
         for structure in STRUCTURES:
             if structure in masks:
@@ -137,12 +154,11 @@ class ParameterCounter:
                 total = total + self.geo.num_layers * self.geo.num_groups(structure) * self.cost_per_group[structure]
         return total
 
-    def remaining_from_counts(self, kept: dict[str, list[int]]) -> int:
-        """Remaining prunable parameters for kept group counts per layer."""
+    def remaining_from_kept(self, kept: Mapping[str, list[list[int]]]) -> int:
+        """Remaining prunable parameters for kept group indices per structure and layer."""
         total = self.geo.num_layers * self.fixed_per_layer
         for structure in STRUCTURES:
-            counts = kept.get(structure) or [self.geo.num_groups(structure)] * self.geo.num_layers
-            total += sum(counts) * self.cost_per_group[structure]
+            total += sum(map(len, kept_or_all(kept, structure, self.geo))) * self.cost_per_group[structure]
         return total
 
     def remaining_ratio(self, masks: Masks) -> torch.Tensor:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from axolotl_atp.decision import Decision
-from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter
+from axolotl_atp.errors import ATPUserError
+from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, Structure
 
 FORMAT = "axolotl-atp/masks"
 VERSION = 1
 
 
-class MasksFileError(ValueError):
+class MasksFileError(ATPUserError, ValueError):
     """The masks file is missing, unreadable, or does not fit the model."""
 
 
@@ -25,20 +25,19 @@ def decision_to_json(
     model_type: str,
     prune_ratio: float,
     layout: str,
-    structures: list[str],
+    structures: list[Structure],
     counter: ParameterCounter,
     total_params_before: int | None = None,
     base_model: str | None = None,
+    group_lasso: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The masks file's content; `group_lasso` (mode and the pruned slices' final norm) is recorded when given."""
     geo = decision.geo
-    counts = decision.counts()
     layers = []
-    for layer in range(geo.num_layers):
-        kv = decision.kept[HEADS][layer] if HEADS in decision.kept else list(range(geo.num_kv_heads))
+    for kv, mlp in zip(decision.kept_groups(HEADS), decision.kept_groups(MLP), strict=True):
         heads = [kv_head * geo.group_size + j for kv_head in kv for j in range(geo.group_size)]
-        mlp = decision.kept[MLP][layer] if MLP in decision.kept else list(range(geo.intermediate_size))
         layers.append({"heads": heads, "kv_heads": list(kv), "mlp": list(mlp)})
-    prunable_after = counter.remaining_from_counts(counts)
+    prunable_after = counter.remaining_from_kept(decision.kept)
     params: dict[str, Any] = {
         "prunable_before": counter.prunable_total,
         "prunable_after": prunable_after,
@@ -51,7 +50,7 @@ def decision_to_json(
             total_after=total_after,
             achieved_total_ratio=1.0 - total_after / total_params_before,
         )
-    return {
+    data = {
         "format": FORMAT,
         "version": VERSION,
         "model_type": model_type,
@@ -64,14 +63,9 @@ def decision_to_json(
         "params": params,
         "layers": layers,
     }
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    if group_lasso is not None:
+        data["group_lasso"] = group_lasso
+    return data
 
 
 def _index_list(value: Any, size: int, where: str, path: Path) -> list[int]:

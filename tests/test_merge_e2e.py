@@ -252,10 +252,12 @@ def test_merge_refusals(trained_run, tmp_path):
     (busy / "keep.txt").write_text("user file")
     result = merge(cfg_path, "--output-dir", str(busy))
     assert result.returncode != 0 and "exists and is not empty" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
     assert (busy / "keep.txt").read_text() == "user file"
 
     result = merge(cfg_path, "--output-dir", str(run_dir), "--overwrite")
     assert result.returncode != 0 and "holds the run's adapter or checkpoints" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
     assert (run_dir / "adapter_model.safetensors").is_file()
 
     no_plugin = dict(cfg)
@@ -263,6 +265,27 @@ def test_merge_refusals(trained_run, tmp_path):
     no_plugin.pop("atp")
     result = merge(write_config(tmp_path / "plain.yml", no_plugin))
     assert result.returncode != 0 and "does not list the ATP plugin" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_prints_bad_inputs_as_one_message(trained_run, tmp_path):
+    """As a new user meets them: a masks file with an out-of-range index, a run without its adapter."""
+    _, _, cfg = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg["output_dir"], run, ignore=shutil.ignore_patterns("atp-merged"))
+    masks = json.loads((run / "atp_masks.json").read_text())
+    masks["layers"][0]["mlp"] = [999]
+    (run / "atp_masks.json").write_text(json.dumps(masks))
+    result = merge(write_config(tmp_path / "bad-masks.yml", {**cfg, "output_dir": str(run)}))
+    output = result.stderr + result.stdout
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert f"Error: {run / 'atp_masks.json'}: layers[0].mlp has an index outside 0..95. Fix:" in output
+    (run / "adapter_model.safetensors").unlink()
+    result = merge(write_config(tmp_path / "no-adapter.yml", {**cfg, "output_dir": str(run)}))
+    output = result.stderr + result.stdout
+    assert result.returncode == 1 and "Traceback" not in output
+    assert f"Error: {run} has no LoRA adapter" in output
 
 
 def run_merge_in_process(cfg: dict, tmp_path: Path, name: str, **kwargs):
@@ -326,7 +349,7 @@ def test_truncated_masks_file_is_refused(trained_run, tmp_path):
 
 
 def test_interrupted_merge_leaves_no_output(trained_run, tmp_path, monkeypatch):
-    from axolotl_atp.export import checkpoint
+    from axolotl_atp.export import sources as checkpoint
 
     _, _, cfg = trained_run
     out = tmp_path / "export"

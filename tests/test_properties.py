@@ -77,8 +77,7 @@ def test_any_atp_block_is_accepted_and_freezes_or_refused_with_a_message(block, 
     except BudgetError as err:
         assert "cannot be met" in str(err) and "Fix:" in str(err)
         return
-    counts = decision.counts()
-    achieved = 1 - COUNTER.remaining_from_counts(counts) / COUNTER.prunable_total
+    achieved = 1 - COUNTER.remaining_from_kept(decision.kept) / COUNTER.prunable_total
     assert achieved >= cfg.prune_ratio - 1e-9
     for s, layers in decision.kept.items():
         n = GEO.num_groups(s)

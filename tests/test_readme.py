@@ -28,3 +28,19 @@ def test_readme_lists_every_supported_family():
     readme = (ROOT / "README.md").read_text()
     for model_type in supported_model_types():
         assert f"`{model_type}`" in readme, model_type
+
+
+def test_readme_module_map_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    module_map = readme[readme.index("axolotl_atp/\n") :].split("```")[0]
+    package = ROOT / "axolotl_atp"
+    for path in sorted(package.glob("*.py")):
+        if path.name != "__init__.py":
+            assert path.name in module_map, path.name
+    for sub in ("training", "export"):
+        line = next(line for line in module_map.splitlines() if line.strip().startswith(f"{sub}/"))
+        for path in sorted((package / sub).glob("*.py")):
+            if path.name != "__init__.py":
+                assert path.stem in line, f"{sub}/{path.name}"
+    for folder in ("devkit", "benchmarks", "scripts", "tests", "export/remote"):
+        assert (ROOT / folder).is_dir() or (package / folder).is_dir(), folder

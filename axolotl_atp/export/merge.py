@@ -1,24 +1,41 @@
 """`axolotl atp-merge CONFIG`: merged, physically pruned model, verified, with its report.
 
-Order: validate everything (config, adapter, masks, output folder) before reading weights; write
-into a temporary sibling folder; verify; then rename into place, so an interrupted merge leaves
-no half-written model and never touches the adapter or checkpoints.
+The stages, in `run_merge`'s order: plan (validate config, adapter, masks and output folder before
+any weight is read), write (into a temporary sibling folder), verify, report, swap into place. An
+interrupted merge leaves no half-written model and never touches the adapter or checkpoints.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import resource
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from axolotl_atp.architectures import ArchitectureSpec, spec_for
 from axolotl_atp.args import ATPConfig, plugin_listed
+from axolotl_atp.atomic_files import is_disk_full, replace_folder, temporary_sibling
+from axolotl_atp.decision import Decision
+from axolotl_atp.errors import MergeError
+from axolotl_atp.export.pruned import (
+    ExportStats,
+    uniform_config,
+    widths,
+    write_per_layer_config,
+    write_pruned_weights,
+)
+from axolotl_atp.export.report import build_report, plot_widths, write_report
+from axolotl_atp.export.sources import BaseCheckpoint, LoraAdapter
+from axolotl_atp.export.verify import LogitCheck, verify_export
+from axolotl_atp.groups import ModelGeometry, ParameterCounter, slice_refs
 from axolotl_atp.log import get_logger
+from axolotl_atp.masks_file import read_masks
 
 LOG = get_logger(__name__)
 
@@ -36,16 +53,49 @@ TOKENIZER_FILES = (
     "processor_config.json",
     "preprocessor_config.json",
 )
-# The check compares float32 logits; 16-bit exports also carry the rounding of the merged weights.
-TOLERANCE_FP32 = 1e-3
-# fp32 rounding (summation order differs once rows are removed) grows with the hidden states' magnitude:
-# heavily pruned models can carry "massive activations" in the tens of thousands.
-TOLERANCE_FP32_PER_ACTIVATION = 1e-5
-TOLERANCE_16BIT_RELATIVE = 0.05
 
 
-class MergeError(RuntimeError):
-    """A merge that cannot go ahead; the message names the file or key and the fix."""
+@dataclass
+class MergePlan:
+    """What one merge reads and writes, every input checked before any weight is read."""
+
+    cfg: Any
+    atp_cfg: ATPConfig
+    run_dir: Path
+    adapter_dir: Path
+    out: Path
+    base_dir: Path
+    base_config: Any
+    spec: ArchitectureSpec
+    geo: ModelGeometry
+    decision: Decision
+    masks_data: dict[str, Any]
+    layout: str
+    base_weights: str
+    nf4_dtype: torch.dtype | None
+    stock_config: Any  # the uniform layout's config; None for per_layer
+    adapter: LoraAdapter
+    base: BaseCheckpoint
+    counter: ParameterCounter
+
+    @property
+    def remote_code(self) -> bool:
+        """Whether the export carries its own modeling code (the per_layer layout)."""
+        return self.layout != "uniform"
+
+    @property
+    def removed_params(self) -> int:
+        return self.counter.prunable_total - self.counter.remaining_from_kept(self.decision.kept)
+
+
+@dataclass
+class WrittenExport:
+    """What the write stage measured."""
+
+    stats: ExportStats
+    merge_seconds: float
+    peak_rss_mb: float
+    tokenizer_source: Path
 
 
 def load_merge_config(config_path: str) -> Any:
@@ -95,13 +145,6 @@ def check_output_dir(out: Path, protected: list[Path], overwrite: bool) -> None:
         raise MergeError(f"{out} exists and is not empty. Fix: pass --overwrite to replace it, or --output-dir.")
 
 
-def disk_full(err: BaseException) -> bool:
-    """ENOSPC from Python I/O, or as safetensors' Rust writer reports it."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    return "No space left on device" in str(err) or "StorageFull" in str(err)
-
-
 def export_bytes_estimate(base: Any, removed_params: int) -> int:
     """The export's size: the base checkpoint's tensor bytes less the removed weights (same dtypes)."""
     from safetensors import safe_open
@@ -143,25 +186,10 @@ def choose_base_weights(choice: str, adapter: str | None) -> str:
     return "nf4" if adapter == "qlora" else "original"
 
 
-def run_merge(
-    config_path: str,
-    output_dir: str | None = None,
-    overwrite: bool = False,
-    base_weights: str = "auto",
-    verify: bool = True,
-) -> Path:
-    """Merge, prune, write and verify; return the output folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def plan_merge(config_path: str, output_dir: str | None, overwrite: bool, base_weights: str) -> MergePlan:
+    """Read and check the config, output folder, adapter and masks file; nothing is written."""
+    from transformers import AutoConfig
 
-    from axolotl_atp.architectures import spec_for
-    from axolotl_atp.export.pruned import uniform_config, widths, write_per_layer_config, write_pruned_weights
-    from axolotl_atp.export.report import plot_widths, write_report
-    from axolotl_atp.export.sources import BaseCheckpoint, LoraAdapter
-    from axolotl_atp.export.verify import compare_logits, reference_model, sample_texts, tokenize_batches
-    from axolotl_atp.groups import ModelGeometry, ParameterCounter, slice_refs
-    from axolotl_atp.masks_file import read_masks
-
-    started = time.time()
     cfg = load_merge_config(config_path)
     atp_cfg = ATPConfig(**dict(cfg.atp))
     run_dir = Path(cfg.output_dir)
@@ -179,127 +207,128 @@ def run_merge(
     nf4_dtype = (cfg.torch_dtype or torch.float32) if weights_choice == "nf4" else None
     if isinstance(nf4_dtype, str):
         nf4_dtype = getattr(torch, nf4_dtype)
-    config_out = uniform_config(base_config, decision, geo, spec) if layout == "uniform" else None
-
+    stock_config = uniform_config(base_config, decision, geo, spec) if layout == "uniform" else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = BaseCheckpoint(base_dir)
-    counter = ParameterCounter(geo, slice_refs(spec, geo))
-    removed = counter.prunable_total - counter.remaining_from_counts(decision.counts())
-    check_free_space(out.parent, export_bytes_estimate(base, removed))
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    return MergePlan(
+        cfg=cfg,
+        atp_cfg=atp_cfg,
+        run_dir=run_dir,
+        adapter_dir=adapter_dir,
+        out=out,
+        base_dir=base_dir,
+        base_config=base_config,
+        spec=spec,
+        geo=geo,
+        decision=decision,
+        masks_data=masks_data,
+        layout=layout,
+        base_weights=weights_choice,
+        nf4_dtype=nf4_dtype,
+        stock_config=stock_config,
+        adapter=adapter,
+        base=BaseCheckpoint(base_dir),
+        counter=ParameterCounter(geo, slice_refs(spec, geo)),
+    )
+
+
+def write_export(plan: MergePlan, folder: Path, started: float) -> WrittenExport:
+    """The merged, pruned weights, the config (with the remote code of per_layer), the generation config
+    and the tokenizer, into `folder`."""
+    LOG.info(
+        "axolotl-atp: merging %s + %s into %s (%s layout, %s base weights)",
+        plan.base_dir,
+        plan.adapter_dir,
+        plan.out,
+        plan.layout,
+        plan.base_weights,
+    )
+    stats = write_pruned_weights(
+        plan.base,
+        plan.adapter,
+        folder,
+        plan.spec,
+        plan.geo,
+        plan.decision,
+        plan.nf4_dtype,
+        module_names=plan.remote_code,
+    )
+    merge_seconds = time.time() - started
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if plan.stock_config is not None:
+        plan.stock_config.save_pretrained(folder)
+    else:
+        write_per_layer_config(plan.base_config, plan.decision, plan.geo, plan.spec, folder)
+    if (plan.base_dir / "generation_config.json").is_file():
+        shutil.copy2(plan.base_dir / "generation_config.json", folder / "generation_config.json")
+    tokenizer_sources = [plan.run_dir, Path(str(plan.cfg.tokenizer_config or plan.base_dir)), plan.base_dir]
+    tokenizer_source = copy_tokenizer(tokenizer_sources, folder)
+    if stats.pruned_lora_norm > 1e-6:
+        LOG.warning(
+            "axolotl-atp: the LoRA slices of pruned groups have norm %.4g, not 0 (group_lasso %s): the export "
+            "drops them, so it differs from the LoRA-aware training forward. The prox mode drives them to 0.",
+            stats.pruned_lora_norm,
+            plan.atp_cfg.group_lasso,
+        )
+    return WrittenExport(stats, merge_seconds, peak_rss_mb, tokenizer_source)
+
+
+def write_report_files(plan: MergePlan, folder: Path, written: WrittenExport, check: LogitCheck | None) -> dict:
+    """`atp_report.json`, the model card, the widths plot and a copy of the masks file; return the report."""
+    report = build_report(plan, written, check)
+    write_report(folder, report)
+    plot_widths(*widths(plan.decision, plan.geo), plan.geo, folder / "atp_widths.png")
+    shutil.copy2(plan.run_dir / plan.atp_cfg.masks_file, folder / "atp_masks.json")
+    return report
+
+
+@contextmanager
+def removed_on_failure(folder: Path, out: Path) -> Iterator[None]:
+    """Remove the partial export in `folder` on any failure; a full disk becomes a `MergeError`."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
     try:
-        LOG.info(
-            "axolotl-atp: merging %s + %s into %s (%s layout, %s base weights)",
-            base_dir,
-            adapter_dir,
-            out,
-            layout,
-            weights_choice,
-        )
-        stats = write_pruned_weights(
-            base, adapter, tmp, spec, geo, decision, nf4_dtype, module_names=layout != "uniform"
-        )
-        merge_seconds = time.time() - started
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if config_out is not None:
-            config_out.save_pretrained(tmp)
-        else:
-            write_per_layer_config(base_config, decision, geo, spec, tmp)
-        if (base_dir / "generation_config.json").is_file():
-            shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
-        tokenizer_source = copy_tokenizer([run_dir, Path(str(cfg.tokenizer_config or base_dir)), base_dir], tmp)
-        if stats.pruned_lora_norm > 1e-6:
-            LOG.warning(
-                "axolotl-atp: the LoRA slices of pruned groups have norm %.4g, not 0 (group_lasso %s): the export "
-                "drops them, so it differs from the LoRA-aware training forward. The prox mode drives them to 0.",
-                stats.pruned_lora_norm,
-                atp_cfg.group_lasso,
-            )
-
-        max_diff: float | None = None
-        tolerance: float | None = None
-        if verify:
-            tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=layout != "uniform")
-            batches = tokenize_batches(tokenizer, sample_texts(cfg.datasets))
-            reference, _ = reference_model(base_dir, adapter_dir, spec, geo, decision, nf4_dtype)
-            exported = AutoModelForCausalLM.from_pretrained(
-                tmp, dtype=torch.float32, trust_remote_code=layout != "uniform"
-            ).eval()
-            if exported.num_parameters() != stats.params_after:
-                raise MergeError(
-                    f"the exported model has {exported.num_parameters()} parameters but {stats.params_after} were "
-                    "written: the config does not describe the weights."
-                )
-            max_diff, scale, activations = compare_logits(reference, exported, batches)
-            if stats.dtype == torch.float32:
-                tolerance = max(TOLERANCE_FP32, TOLERANCE_FP32_PER_ACTIVATION * activations)
-            else:
-                tolerance = TOLERANCE_16BIT_RELATIVE * max(scale, 1.0)
-            del reference, exported
-            if max_diff > tolerance:
-                raise MergeError(
-                    f"the exported model's logits differ from the merged, masked model's by {max_diff:.3g} (tolerance "
-                    f"{tolerance:.3g}). The export is not written. Please report this with the config and masks file."
-                )
-            LOG.info("axolotl-atp: export verified: max |logit difference| %.3g (tolerance %.3g)", max_diff, tolerance)
-
-        kv, mlp = widths(decision, geo)
-        prunable_after = counter.remaining_from_counts(decision.counts())
-        report = {
-            "base_model": str(cfg.base_model),
-            "adapter": str(adapter_dir),
-            "datasets": [str(d.get("path")) for d in cfg.datasets or []],
-            "qlora": cfg.adapter == "qlora",
-            "layout": layout,
-            "prune_ratio": masks_data.get("prune_ratio"),
-            "base_weights": weights_choice,
-            "params_before": stats.params_before,
-            "params_after": stats.params_after,
-            "prunable_params_before": counter.prunable_total,
-            "prunable_params_after": prunable_after,
-            "achieved_prune_ratio": 1 - prunable_after / counter.prunable_total,
-            "achieved_total_ratio": 1 - stats.params_after / stats.params_before,
-            "max_abs_logit_diff": max_diff,
-            "logit_tolerance": tolerance,
-            "pruned_lora_slice_norm": stats.pruned_lora_norm,
-            "bytes_written": stats.bytes_written,
-            "merge_seconds": round(merge_seconds, 2),
-            "merge_peak_rss_mb": round(peak_rss_mb, 1),
-            "tokenizer_from": str(tokenizer_source),
-            "layers": [
-                {"kv_heads": k, "query_heads": k * geo.group_size, "mlp_channels": m}
-                for k, m in zip(kv, mlp, strict=True)
-            ],
-        }
-        write_report(tmp, report)
-        plot_widths(kv, mlp, geo, tmp / "atp_widths.png")
-        shutil.copy2(run_dir / atp_cfg.masks_file, tmp / "atp_masks.json")
-
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        yield
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(err):
+        shutil.rmtree(folder, ignore_errors=True)
+        if is_disk_full(err):
             raise MergeError(
                 f"the disk under {out.parent} filled up while writing the export ({err}). The partial export was "
                 f"removed{' and ' + str(out) + ' is unchanged' if out.exists() else ''}. Fix: free space, or pass "
                 "--output-dir on a disk with room."
             ) from err
         raise
+
+
+def run_merge(
+    config_path: str,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    base_weights: str = "auto",
+    verify: bool = True,
+) -> Path:
+    """Merge, prune, write and verify; return the output folder."""
+    started = time.time()
+    # 1. plan: every input checked, and room for the export, before any weight is read
+    plan = plan_merge(config_path, output_dir, overwrite, base_weights)
+    check_free_space(plan.out.parent, export_bytes_estimate(plan.base, plan.removed_params))
+    folder = temporary_sibling(plan.out)
+    with removed_on_failure(folder, plan.out):
+        # 2. write the Hugging Face export into the temporary folder
+        written = write_export(plan, folder, started)
+        # 3. verify its logits against the merged, masked model
+        check = verify_export(plan, folder, written.stats) if verify else None
+        # (further export formats are written here, from the verified export in `folder`)
+        # 4. report
+        report = write_report_files(plan, folder, written, check)
+        # 5. swap into place
+        replace_folder(folder, plan.out)
     LOG.info(
         "axolotl-atp: wrote %s: %d -> %d parameters (%.1f%% of all removed), merge %.1f s, peak RSS %.0f MB",
-        out,
-        stats.params_before,
-        stats.params_after,
+        plan.out,
+        written.stats.params_before,
+        written.stats.params_after,
         100 * report["achieved_total_ratio"],
-        merge_seconds,
-        peak_rss_mb,
+        written.merge_seconds,
+        written.peak_rss_mb,
     )
-    return out
+    return plan.out

@@ -7,7 +7,8 @@ slicing, into the output shards, so a merge holds about one layer (plus one outp
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,19 @@ from tqdm.auto import tqdm
 from axolotl_atp.architectures import ArchitectureSpec
 from axolotl_atp.decision import Decision
 from axolotl_atp.export.slicing import kept_positions, slice_layer
-from axolotl_atp.export.sources import BaseCheckpoint, CheckpointError, LoraAdapter, ShardWriter, nf4_roundtrip
+from axolotl_atp.export.sources import (
+    DEFAULT_MAX_SHARD_BYTES,
+    BaseCheckpoint,
+    CheckpointError,
+    LoraAdapter,
+    ShardWriter,
+    nf4_roundtrip,
+)
 from axolotl_atp.groups import HEADS, MLP, ModelGeometry, slice_refs
 
 REMOTE_DIR = Path(__file__).parent / "remote"
+# The line of `remote/configuration_atp.py` that the export rewrites to the base model's type.
+BASE_MODEL_TYPE_LINE = 'BASE_MODEL_TYPE = "llama"'
 
 
 @dataclass
@@ -29,9 +39,7 @@ class ExportStats:
     params_after: int = 0
     bytes_written: int = 0
     pruned_lora_norm: float = 0.0
-    merged_modules: int = 0
     dtype: torch.dtype = torch.float32
-    notes: list[str] = field(default_factory=list)
 
 
 def _pruned_lora_sq_norm(adapter: LoraAdapter, layer_prefix: str, refs: dict, kept: dict[str, list[int]]) -> float:
@@ -60,7 +68,7 @@ def write_pruned_weights(
     geo: ModelGeometry,
     decision: Decision,
     nf4_dtype: torch.dtype | None,
-    max_shard_bytes: int = 2 * 1024**3,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     module_names: bool = False,
 ) -> ExportStats:
     """Write the merged, pruned safetensors into `out`; every tensor keeps its base dtype.
@@ -85,6 +93,7 @@ def write_pruned_weights(
             f"the adapter has LoRA on modules the base model lacks: {unknown[:3]}. Fix: merge with "
             "the base model the run was trained on."
         )
+    check_replacements(adapter, checkpoint_key)
 
     def load(names: list[str]) -> dict[str, torch.Tensor]:
         tensors = base.get([checkpoint_key[n] for n in names])
@@ -129,16 +138,25 @@ def write_pruned_weights(
     stats.params_after = writer.numel
     stats.bytes_written = writer.total_bytes
     stats.pruned_lora_norm = sq_norm**0.5
-    stats.merged_modules = len(merged)
     return stats
+
+
+def check_replacements(adapter: LoraAdapter, checkpoint_key: dict[str, str]) -> None:
+    """Refuse full replacements (`modules_to_save`) of tensors the base checkpoint does not hold: the
+    merge would drop them (e.g. `lm_head` of a model whose lm_head is tied to the input embeddings)."""
+    missing = sorted(key for key in adapter.replacements if key not in checkpoint_key)
+    if missing:
+        raise CheckpointError(
+            f"the adapter replaces {missing[:3]} (`lora_modules_to_save`), which the base checkpoint does not hold "
+            "(a tied lm_head is stored only as the input embeddings), so the merge would drop the trained "
+            f"tensor{'s' if len(missing) > 1 else ''}. Fix: train without `lora_modules_to_save` for "
+            f"{', '.join(k.rsplit('.', 1)[0] for k in missing[:3])}, or merge with the base model the run was trained on."
+        )
 
 
 def widths(decision: Decision, geo: ModelGeometry) -> tuple[list[int], list[int]]:
     """(kept KV heads, kept MLP channels) per layer."""
-    counts = decision.counts()
-    kv = counts.get(HEADS, [geo.num_kv_heads] * geo.num_layers)
-    mlp = counts.get(MLP, [geo.intermediate_size] * geo.num_layers)
-    return kv, mlp
+    return [len(k) for k in decision.kept_groups(HEADS)], [len(k) for k in decision.kept_groups(MLP)]
 
 
 def uniform_config(base_config: Any, decision: Decision, geo: ModelGeometry, spec: ArchitectureSpec) -> Any:
@@ -157,6 +175,17 @@ def uniform_config(base_config: Any, decision: Decision, geo: ModelGeometry, spe
     text.head_dim = geo.head_dim
     text.intermediate_size = mlp[0]
     return config
+
+
+def configuration_code(base_type: str) -> str:
+    """`remote/configuration_atp.py` for a base model type: its one template line rewritten, checked."""
+    template = (REMOTE_DIR / "configuration_atp.py").read_text()
+    if template.count(BASE_MODEL_TYPE_LINE) != 1:
+        raise RuntimeError(
+            f"{REMOTE_DIR / 'configuration_atp.py'} must hold the line `{BASE_MODEL_TYPE_LINE}` exactly once "
+            "(the export rewrites it). Fix: restore the line, or update BASE_MODEL_TYPE_LINE in export/pruned.py."
+        )
+    return template.replace(BASE_MODEL_TYPE_LINE, f"BASE_MODEL_TYPE = {base_type!r}")
 
 
 def write_per_layer_config(
@@ -183,10 +212,6 @@ def write_per_layer_config(
         atp_layers_path=spec.layers_path,
         atp_text_config=spec.text_config,
     )
-    import json
-
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    config_code = (REMOTE_DIR / "configuration_atp.py").read_text()
-    config_code = config_code.replace('BASE_MODEL_TYPE = "llama"', f"BASE_MODEL_TYPE = {base_type!r}")
-    (out / "configuration_atp.py").write_text(config_code)
+    (out / "configuration_atp.py").write_text(configuration_code(base_type))
     (out / "modeling_atp.py").write_text((REMOTE_DIR / "modeling_atp.py").read_text())

@@ -4,7 +4,45 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from axolotl_atp.export.pruned import widths
+
+if TYPE_CHECKING:
+    from axolotl_atp.export.merge import MergePlan, WrittenExport
+    from axolotl_atp.export.verify import LogitCheck
+
+
+def build_report(plan: MergePlan, written: WrittenExport, check: LogitCheck | None) -> dict[str, Any]:
+    """`atp_report.json`: what was merged, the parameters before and after, the check, the cost, the widths."""
+    stats, counter, geo = written.stats, plan.counter, plan.geo
+    kv, mlp = widths(plan.decision, geo)
+    prunable_after = counter.remaining_from_kept(plan.decision.kept)
+    return {
+        "base_model": str(plan.cfg.base_model),
+        "adapter": str(plan.adapter_dir),
+        "datasets": [str(d.get("path")) for d in plan.cfg.datasets or []],
+        "qlora": plan.cfg.adapter == "qlora",
+        "layout": plan.layout,
+        "prune_ratio": plan.masks_data.get("prune_ratio"),
+        "base_weights": plan.base_weights,
+        "params_before": stats.params_before,
+        "params_after": stats.params_after,
+        "prunable_params_before": counter.prunable_total,
+        "prunable_params_after": prunable_after,
+        "achieved_prune_ratio": 1 - prunable_after / counter.prunable_total,
+        "achieved_total_ratio": 1 - stats.params_after / stats.params_before,
+        "max_abs_logit_diff": check.max_diff if check else None,
+        "logit_tolerance": check.tolerance if check else None,
+        "pruned_lora_slice_norm": stats.pruned_lora_norm,
+        "bytes_written": stats.bytes_written,
+        "merge_seconds": round(written.merge_seconds, 2),
+        "merge_peak_rss_mb": round(written.peak_rss_mb, 1),
+        "tokenizer_from": str(written.tokenizer_source),
+        "layers": [
+            {"kv_heads": k, "query_heads": k * geo.group_size, "mlp_channels": m} for k, m in zip(kv, mlp, strict=True)
+        ],
+    }
 
 
 def plot_widths(kv_heads: list[int], mlp: list[int], geo: Any, path: Path) -> None:
@@ -32,10 +70,18 @@ def plot_widths(kv_heads: list[int], mlp: list[int], geo: Any, path: Path) -> No
 
 
 def model_card(report: dict[str, Any]) -> str:
+    uniform = report["layout"] == "uniform"
     loader = (
         "AutoModelForCausalLM.from_pretrained(path)"
-        if report["layout"] == "uniform"
+        if uniform
         else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
+    )
+    # compat(transformers 5.16): the tokenizer is a stock one, but AutoTokenizer reads config.json first;
+    # trust_remote_code=False skips the per_layer config's remote class instead of asking whether to run it.
+    tokenizer_loader = (
+        "AutoTokenizer.from_pretrained(path)"
+        if uniform
+        else "AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # the tokenizer needs no remote code"
     )
     datasets = ", ".join(report.get("datasets") or []) or "see the training config"
     return f"""---
@@ -69,7 +115,7 @@ indexing) in `atp_masks.json`. The tokenizer is the training run's, unchanged.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = {loader}
-tokenizer = AutoTokenizer.from_pretrained(path)
+tokenizer = {tokenizer_loader}
 ```
 """
 

@@ -1,4 +1,4 @@
-"""Physical removal of pruned groups from one decoder layer's tensors, and LoRA merging."""
+"""Physical removal of pruned groups from one decoder layer's tensors."""
 
 from __future__ import annotations
 
@@ -32,8 +32,3 @@ def slice_layer(
             else:
                 out[weight_key] = out[weight_key].index_select(1, idx)
     return out
-
-
-def merge_lora_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale * B @ A, computed in fp32."""
-    return weight.float() + scale * (lora_b.float() @ lora_a.float())

@@ -10,10 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from axolotl_atp.errors import ATPUserError
+
 PEFT_PREFIX = "base_model.model."
+# Largest output shard: the merge holds one shard in memory before writing it.
+DEFAULT_MAX_SHARD_BYTES = 512 * 2**20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ATPUserError, ValueError):
     """A base model or adapter folder that cannot be merged."""
 
 
@@ -34,9 +38,6 @@ class BaseCheckpoint:
                 f"{folder} has no model.safetensors or model.safetensors.index.json. Fix: convert the base "
                 "model to safetensors (e.g. `save_pretrained(..., safe_serialization=True)`)."
             )
-
-    def keys(self) -> list[str]:
-        return list(self.files)
 
     def get(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Load only `keys`, opening each shard once."""
@@ -105,7 +106,7 @@ class LoraAdapter:
 class ShardWriter:
     """Writes tensors into safetensors shards of at most `max_shard_bytes`, plus the index."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3):
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}

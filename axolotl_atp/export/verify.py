@@ -3,16 +3,78 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from axolotl_atp.architectures import ArchitectureSpec
 from axolotl_atp.decision import Decision
+from axolotl_atp.errors import MergeError
+from axolotl_atp.export.pruned import ExportStats
 from axolotl_atp.export.sources import nf4_roundtrip
 from axolotl_atp.groups import ModelGeometry
+from axolotl_atp.log import get_logger
 from axolotl_atp.masking import MaskedModel, MaskMode
+
+if TYPE_CHECKING:
+    from axolotl_atp.export.merge import MergePlan
+
+LOG = get_logger(__name__)
+
+# The check compares float32 logits; 16-bit exports also carry the rounding of the merged weights.
+TOLERANCE_FP32 = 1e-3
+# fp32 rounding (summation order differs once rows are removed) grows with the hidden states' magnitude:
+# heavily pruned models can carry "massive activations" in the tens of thousands.
+TOLERANCE_FP32_PER_ACTIVATION = 1e-5
+TOLERANCE_16BIT_RELATIVE = 0.05
+
+
+@dataclass(frozen=True)
+class LogitCheck:
+    """The export check's result: the largest logit difference and the tolerance it passed."""
+
+    max_diff: float
+    tolerance: float
+
+
+def logit_tolerance(dtype: torch.dtype, scale: float, activations: float) -> float:
+    """How far the export's logits may differ: fp32 rounding for fp32 exports (growing with the largest
+    hidden state), and a fraction of the logit scale for 16-bit ones."""
+    if dtype == torch.float32:
+        return max(TOLERANCE_FP32, TOLERANCE_FP32_PER_ACTIVATION * activations)
+    return TOLERANCE_16BIT_RELATIVE * max(scale, 1.0)
+
+
+def verify_export(plan: MergePlan, folder: Path, stats: ExportStats) -> LogitCheck:
+    """Load the export in `folder` and compare its logits with the merged, masked model's; raise if they differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # compat(transformers 5.16): the tokenizer needs no remote code, but transformers reads config.json first; with
+    # trust_remote_code=False it skips the per_layer config's remote class instead of asking.
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    batches = tokenize_batches(tokenizer, sample_texts(plan.cfg.datasets))
+    reference, _ = reference_model(plan.base_dir, plan.adapter_dir, plan.spec, plan.geo, plan.decision, plan.nf4_dtype)
+    exported = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code=plan.remote_code
+    ).eval()
+    if exported.num_parameters() != stats.params_after:
+        raise MergeError(
+            f"the exported model has {exported.num_parameters()} parameters but {stats.params_after} were "
+            "written: the config does not describe the weights."
+        )
+    max_diff, scale, activations = compare_logits(reference, exported, batches)
+    tolerance = logit_tolerance(stats.dtype, scale, activations)
+    del reference, exported
+    if max_diff > tolerance:
+        raise MergeError(
+            f"the exported model's logits differ from the merged, masked model's by {max_diff:.3g} (tolerance "
+            f"{tolerance:.3g}). The export is not written. Please report this with the config and masks file."
+        )
+    LOG.info("axolotl-atp: export verified: max |logit difference| %.3g (tolerance %.3g)", max_diff, tolerance)
+    return LogitCheck(max_diff, tolerance)
+
 
 FALLBACK_TEXTS = [
     "The patient was admitted to the hospital with chest pain and shortness of breath. An electrocardiogram "

@@ -9,12 +9,14 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from axolotl_atp.args import ATPConfig
+from axolotl_atp.atomic_files import write_json_atomically
 from axolotl_atp.log import get_logger
-from axolotl_atp.masking import MaskMode, base_layer_of, count_parameters
-from axolotl_atp.masks_file import decision_to_json, write_json_atomic
+from axolotl_atp.masking import MaskMode
+from axolotl_atp.masks_file import decision_to_json
+from axolotl_atp.peft_unwrap import base_layer_of, count_parameters
 from axolotl_atp.training import distributed
 from axolotl_atp.training.calibration import CalibrationSampler
-from axolotl_atp.training.checkpoint_state import load_state, save_state
+from axolotl_atp.training.checkpoint_state import checkpoint_dir, load_state, save_state
 from axolotl_atp.training.controller import ATPController
 from axolotl_atp.training.distillation import Distiller
 
@@ -67,7 +69,7 @@ class ATPCallback(TrainerCallback):
 
     # --- events --------------------------------------------------------------------------------
     @staticmethod
-    def _writer(state: TrainerState) -> bool:
+    def _writes_files(state: TrainerState) -> bool:
         """Only global rank 0 writes ATP files. The process-group rank is checked too: a process group
         that the Trainer does not know about (e.g. torchrun on CPUs without ACCELERATE_USE_CPU) would
         otherwise make every rank "process zero"."""
@@ -89,14 +91,7 @@ class ATPCallback(TrainerCallback):
             )
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
-            if getattr(self.trainer, flag, False):
-                raise ValueError(
-                    f"axolotl-atp: the trainer runs under {name} (trainer.{flag} = True, from the axolotl or the "
-                    "accelerate config), which ATP does not support: its masks hook into unsharded LoRA layers. "
-                    "Fix: launch plain data parallel (accelerate `distributed_type: MULTI_GPU`, or torchrun) or "
-                    "use one GPU."
-                )
+        self._refuse_sharded_trainer()
         model = self.trainer.model
         self.controller = ATPController(
             model, self.atp_cfg, total_steps=state.max_steps, peak_lr=args.learning_rate, seed=self.seed
@@ -107,23 +102,41 @@ class ATPCallback(TrainerCallback):
                 self.calibration_dataset, self.trainer.data_collator, batch_size, self.seed
             )
         if state.global_step > 0:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self.controller.load_state_dict(load_state(checkpoint))
-            LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
-        c = self.controller
+            self._restore(checkpoint_dir(Path(args.output_dir), state.global_step))
         if self.distiller is not None:
-            self.distiller.start(c.masked, c.spec)
+            self.distiller.start(self.controller.masked, self.controller.spec)
+        self._log_plan()
+
+    def _refuse_sharded_trainer(self) -> None:
+        """The last line of defence against FSDP/DeepSpeed turned on where the config validation cannot see."""
+        for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+            if getattr(self.trainer, flag, False):
+                raise ValueError(
+                    f"axolotl-atp: the trainer runs under {name} (trainer.{flag} = True, from the axolotl or the "
+                    "accelerate config), which ATP does not support: its masks hook into unsharded LoRA layers. "
+                    "Fix: launch plain data parallel (accelerate `distributed_type: MULTI_GPU`, or torchrun) or "
+                    "use one GPU."
+                )
+
+    def _restore(self, checkpoint: Path) -> None:
+        assert self.controller is not None
+        self.controller.load_state_dict(load_state(checkpoint))
+        LOG.info("axolotl-atp: restored generator, masks and decision from %s", checkpoint)
+
+    def _log_plan(self) -> None:
+        """What this run prunes, and when the masks freeze."""
+        c = self.controller
+        assert c is not None
         if self.atp_cfg.decision_file is not None:
             LOG.info("axolotl-atp: fixed decision from %s; no generator is trained", self.atp_cfg.decision_file)
-        down_proj = c.masked.layers[0].get_submodule(c.spec.down)
+        base_linear = type(base_layer_of(c.masked.layers[0].get_submodule(c.spec.down))).__name__
+        groups = ", ".join(f"{c.geo.num_groups(s)} {s} per layer" for s in c.structures)
+        LOG.info("axolotl-atp: %d layers (base Linear class %s), %s", c.geo.num_layers, base_linear, groups)
         LOG.info(
-            "axolotl-atp: %d layers (base Linear class %s), %s; prunable parameters %d; target prune ratio "
-            "%.3f; generator trains for %d of %d steps, then the masks freeze (%s layout)",
-            c.geo.num_layers,
-            type(base_layer_of(down_proj)).__name__,
-            ", ".join(f"{c.geo.num_groups(s)} {s} per layer" for s in c.structures),
-            c.counter.prunable_total,
+            "axolotl-atp: target prune ratio %.3f of %d prunable parameters; the generator trains for %d of %d "
+            "steps, then the masks freeze (%s layout)",
             self.atp_cfg.prune_ratio,
+            c.counter.prunable_total,
             c.control_steps,
             c.total_steps,
             self.atp_cfg.layout,
@@ -175,10 +188,10 @@ class ATPCallback(TrainerCallback):
         self._save_state(args, state)  # for saves outside the step loop (e.g. per epoch)
 
     def _save_state(self, args: TrainingArguments, state: TrainerState) -> None:
-        if self.controller is None or not self._writer(state) or self._saved_step == state.global_step:
+        if self.controller is None or not self._writes_files(state) or self._saved_step == state.global_step:
             return
         self._saved_step = state.global_step
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = checkpoint_dir(Path(args.output_dir), state.global_step)
         save_state(self.controller.state_dict(), checkpoint)
         # Logged from whichever process writes, so a second writer would show in the log.
         LOG.info("axolotl-atp: saved generator, masks and decision to %s", checkpoint, main_process_only=False)
@@ -199,7 +212,7 @@ class ATPCallback(TrainerCallback):
                 distributed.kept_digest(decision.kept),
                 main_process_only=False,
             )
-        if not self._writer(state):
+        if not self._writes_files(state):
             return
         data = decision_to_json(
             decision,
@@ -210,10 +223,10 @@ class ATPCallback(TrainerCallback):
             counter=c.counter,
             total_params_before=count_parameters(self.trainer.model),
             base_model=self.base_model,
+            group_lasso={"mode": self.atp_cfg.group_lasso, "pruned_slice_norm": c.lasso.pruned_norm(c.hard_masks)},
         )
-        data["group_lasso"] = {"mode": self.atp_cfg.group_lasso, "pruned_slice_norm": c.lasso.pruned_norm(c.hard_masks)}
         path = Path(args.output_dir) / self.atp_cfg.masks_file
-        write_json_atomic(data, path)
+        write_json_atomically(data, path)
         LOG.info(
             "axolotl-atp: wrote %s (achieved prune ratio %.4f of prunable parameters, target %.4f)",
             path,

@@ -2,39 +2,46 @@
 
 from __future__ import annotations
 
-import errno
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from axolotl_atp.atomic_files import AtomicWriteError, write_file_atomically
+
 STATE_FILE = "atp_state.pt"
 # The HF Trainer writes this last when it saves a checkpoint: without it the save was interrupted.
 TRAINER_STATE_FILE = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class ATPStateError(RuntimeError):
     """A checkpoint's ATP state is missing or unreadable."""
 
 
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    """The HF Trainer's checkpoint folder of optimizer step `step`."""
+    return output_dir / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The step of a `checkpoint-N` folder, or None for any other name."""
+    suffix = checkpoint.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if checkpoint.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
 def save_state(state: dict[str, Any], checkpoint: Path) -> None:
     """Write through a temporary file and a rename: a crash mid-save leaves no half-written state."""
-    tmp = checkpoint / f".{STATE_FILE}.tmp-{os.getpid()}"
     try:
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, checkpoint / STATE_FILE)
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        free = shutil.disk_usage(checkpoint).free if checkpoint.exists() else None  # before freeing the tmp file
-        tmp.unlink(missing_ok=True)
-        full = getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < 2**20)
+        write_file_atomically(checkpoint / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    except AtomicWriteError as err:  # torch.save reports a full disk as a RuntimeError
+        cause, free = err.cause, err.free_bytes
         where = f"; {free / 2**20:.1f} MiB free there" if free is not None else ""
         raise ATPStateError(
-            f"could not write {checkpoint / STATE_FILE} ({err}{where}).{' The disk is full.' if full else ''} Fix: "
-            "free space or set `output_dir` on a disk with room; the run can resume from its last complete checkpoint."
-        ) from err
+            f"could not write {checkpoint / STATE_FILE} ({cause}{where}).{' The disk is full.' if err.disk_full else ''} "
+            "Fix: free space or set `output_dir` on a disk with room; the run can resume from its last complete "
+            "checkpoint."
+        ) from cause
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -44,8 +51,8 @@ def is_complete(checkpoint: Path) -> bool:
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """`checkpoint-N` folders of a run, by step."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def last_complete_checkpoint(output_dir: Path) -> tuple[Path | None, list[Path]]:
@@ -76,8 +83,8 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def _earlier(checkpoint: Path) -> str:
-    step = int(checkpoint.name.split("-")[-1]) if checkpoint.name.split("-")[-1].isdigit() else None
+    step = checkpoint_step(checkpoint)
     if step is None:
         return ""
-    earlier = [c for c in checkpoints(checkpoint.parent) if int(c.name.split("-")[-1]) < step and is_complete(c)]
+    earlier = [c for c in checkpoints(checkpoint.parent) if checkpoint_step(c) < step and is_complete(c)]
     return f" (the newest is {earlier[-1]})" if earlier else ""

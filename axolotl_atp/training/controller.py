@@ -11,7 +11,8 @@ Per optimizer step `t` (0-based):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
 from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
-from axolotl_atp.masking import MaskedModel, MaskMode, unwrap_base_model
+from axolotl_atp.masking import MaskedModel, MaskMode
 from axolotl_atp.masks_file import MasksFileError, read_masks
+from axolotl_atp.peft_unwrap import unwrap_base_model
 from axolotl_atp.training import distributed
 from axolotl_atp.training.budget_schedule import ramp_steps, target_remaining_ratio
 from axolotl_atp.training.generator import PruningDecisionGenerator, decision_scores, gumbel_sigmoid
@@ -293,16 +295,14 @@ class ATPController:
         )
 
 
-class frozen_parameters:  # noqa: N801 - used as a context manager
+@contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
     """Temporarily stop gradients to a module's trainable parameters (the LoRA weights)."""
-
-    def __init__(self, module: nn.Module):
-        self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def __enter__(self) -> None:
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.params:
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
             p.requires_grad_(True)

@@ -35,7 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from axolotl_atp.architectures import ArchitectureSpec
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.log import get_logger
-from axolotl_atp.masking import MaskedModel, unwrap_base_model
+from axolotl_atp.masking import MaskedModel
+from axolotl_atp.peft_unwrap import unwrap_base_model
 
 LOG = get_logger(__name__)
 IGNORE_INDEX = -100

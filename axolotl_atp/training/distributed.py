@@ -7,9 +7,9 @@ DDP-wrapped model, so ATP synchronizes it itself:
   seeded identically anyway; the broadcast makes it a fact rather than an assumption);
 - the generator's gradients are averaged over the ranks before its optimizer step, so every rank takes
   the same AdamW step;
-- after every generator step and at the freeze, the generator's parameters and the hard masks are
-  compared with rank 0's; a difference stops every rank with `RankDivergenceError` (it would mean
-  that the ranks train different pruned models).
+- after every generator step and at the freeze, a checksum of the generator's parameters and of the
+  hard masks is compared with rank 0's (two integers cross the network, not the tensors); a difference
+  stops every rank with `RankDivergenceError` (it would mean that the ranks train different pruned models).
 
 Every function here is a no-op when `torch.distributed` is not initialized or has one process, so the
 single-process path (and the tests without a process group) is untouched. Every function is a
@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from axolotl_atp.groups import kept_indices
 
 
 class RankDivergenceError(RuntimeError):
@@ -40,10 +42,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
-
-
-def _flat(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -97,25 +95,43 @@ def broadcast_rng_state(generator: torch.Generator, device: torch.device, src: i
     generator.set_state(state.cpu())
 
 
+@torch.no_grad()
+def checksum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Two int64 sums over the exact bits of `tensors` (as float64, which holds any 16- or 32-bit float
+    exactly): the plain sum and the sum weighted by position, both wrapping on overflow.
+
+    Any change of a single value changes the plain sum; values moved between positions change the
+    weighted one. Computed where the tensors live, one tensor at a time.
+    """
+    device = tensors[0].device
+    total = torch.zeros(2, dtype=torch.int64, device=device)
+    offset = 0
+    for t in tensors:
+        bits = t.detach().reshape(-1).to(device=device, dtype=torch.float64).view(torch.int64)
+        positions = torch.arange(offset + 1, offset + bits.numel() + 1, dtype=torch.int64, device=device)
+        total += torch.stack([bits.sum(), (bits * positions).sum()])
+        offset += bits.numel()
+    return total
+
+
 def check_same(tensors: Sequence[torch.Tensor], what: str, when: str) -> None:
     """Raise `RankDivergenceError` on every rank if any rank's `tensors` differ from rank 0's.
 
-    Rank 0's values are broadcast and compared exactly; the verdict is all-reduced, so all ranks raise
-    together instead of leaving the others waiting in the next collective.
+    Rank 0's checksum (two integers) is broadcast and compared; the verdict is all-reduced, so all ranks
+    raise together instead of leaving the others waiting in the next collective.
     """
     if not is_distributed() or not tensors:
         return
-    device = tensors[0].device
-    mine = _flat(tensors, device)
+    mine = checksum(tensors)
     reference = mine.clone()
     dist.broadcast(reference, src=0)
-    differ = (mine != reference).sum().reshape(1).to(torch.float64)
+    differ = (mine != reference).any().reshape(1).to(torch.float64)
     dist.all_reduce(differ, op=dist.ReduceOp.MAX)
     if differ.item() > 0:
         raise RankDivergenceError(
-            f"axolotl-atp: {when} the {world_size()} ranks disagree on the {what} (up to {int(differ.item())} "
-            "values differ from rank 0's), so they would train different pruned models. This is a bug or a "
-            "non-deterministic kernel; please report it with your launch command. Fix: train on one GPU until it is fixed."
+            f"axolotl-atp: {when} the {world_size()} ranks disagree on the {what} (their checksum differs from "
+            "rank 0's), so they would train different pruned models. This is a bug or a non-deterministic "
+            "kernel; please report it with your launch command. Fix: train on one GPU until it is fixed."
         )
 
 
@@ -129,4 +145,4 @@ def kept_digest(kept: dict[str, list[list[int]]]) -> str:
 
 def masks_digest(masks: dict[str, torch.Tensor]) -> str:
     """`kept_digest` of hard masks (1 = kept), so the masks a rank trains with compare with a masks file."""
-    return kept_digest({s: [torch.nonzero(row >= 0.5).flatten().tolist() for row in m] for s, m in masks.items()})
+    return kept_digest(kept_indices(masks))

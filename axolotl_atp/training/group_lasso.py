@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from axolotl_atp.groups import Masks, ModelGeometry, SliceRef
-from axolotl_atp.masking import unwrap_base_model
+from axolotl_atp.peft_unwrap import unwrap_base_model
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def add_group_lasso_to_loss(trainer: Any, callback: Any) -> None:
         if controller is None or not model.training:
             return result
         penalty = controller.penalty()
-        # The HF Trainer divides the returned loss by the accumulation steps only when the model does not
+        # compat(transformers 5.16): the HF Trainer divides the returned loss by the accumulation steps only when the model does not
         # normalise it over the whole accumulated batch itself (nor a `compute_loss_func`, as distillation's,
         # does); otherwise the term must be divided here, once per micro-batch.
         trainer_divides = (

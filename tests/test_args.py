@@ -1,0 +1,23 @@
+"""The rules of `args.py` one by one, without axolotl's config loading (tests/test_config.py runs them through it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from axolotl_atp.args import AXOLOTL_CONFIG_RULES, check_axolotl_config
+
+VALID = {"atp": {"prune_ratio": 0.3}, "adapter": "lora", "max_steps": 10}
+
+
+@pytest.mark.parametrize("key", ["context_parallel_size", "tensor_parallel_size"])
+def test_model_parallel_sizes_above_one_are_refused(key):
+    for allowed in (None, 1):
+        check_axolotl_config({**VALID, key: allowed})
+    with pytest.raises(ValueError, match=rf"{key} = 2 is not supported with ATP. Fix: remove `{key}`"):
+        check_axolotl_config({**VALID, key: 2})
+
+
+def test_every_rule_is_a_small_named_function():
+    assert all(rule.__name__.startswith(("require_", "refuse_")) for rule in AXOLOTL_CONFIG_RULES)
+    check_axolotl_config(VALID)
+    check_axolotl_config({**VALID, "adapter": "qlora", "merge_lora": True})  # the merge loads QLoRA unquantized
