@@ -62,21 +62,23 @@ def run_control(ctl: ATPController, peft_model, steps: range) -> list[dict]:
 
 def test_generator_follows_the_schedule_and_the_freeze_changes_little():
     peft_model = peft_tiny()
-    cfg = ATPConfig(prune_ratio=0.4, control_steps=40, generator_lr=1e-2)
+    # MLP channels only: this tiny model's 2 KV heads per layer would make the per-layer minimum bind (the
+    # generator may drop a layer's last head, which the freeze must put back at the cost of many channels).
+    cfg = ATPConfig(prune_ratio=0.4, control_steps=40, generator_lr=1e-2, structures=["mlp_channels"])
     ctl = ATPController(peft_model, cfg, total_steps=50, peak_lr=1e-3, seed=0)
     assert ctl.ramp_steps == 20  # half of the control phase by default
     assert ctl.noise_scale(19) == 1.0 and 0 < ctl.noise_scale(30) < 1 and ctl.noise_scale(39) == 0.0
     metrics = run_control(ctl, peft_model, range(40))
     assert metrics[0]["atp/target_remaining_ratio"] > 0.9
     assert metrics[-1]["atp/target_remaining_ratio"] == pytest.approx(0.6)
-    # The generator tracks the target in the hold phase (one KV group of this tiny model is 0.07 of the budget).
+    # The generator tracks the target in the hold phase.
     gaps = [abs(m["atp/remaining_ratio"] - m["atp/target_remaining_ratio"]) for m in metrics[25:]]
-    assert sum(gaps) / len(gaps) < 0.05 and max(gaps) < 0.15, gaps
+    assert sum(gaps) / len(gaps) < 0.03 and max(gaps) < 0.06, gaps
     ctl.begin_step(40, None)  # the freeze
     assert ctl.frozen
     fraction = ctl.metrics["atp/freeze_flip_fraction"]
     assert fraction == ctl.flips_at_freeze / ctl.num_groups_total
-    assert fraction < 0.03, fraction
+    assert fraction < 0.02, fraction
 
 
 def test_constant_budget_without_annealing_leaves_the_freeze_far_from_the_last_sample():

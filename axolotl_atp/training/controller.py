@@ -91,6 +91,9 @@ class ATPController:
         # The generator's sampled remaining ratio at its last step, and at the freeze its distance above
         # the target: a large gap means the frozen decision jumps far from what the generator trained.
         self.last_remaining_ratio: float | None = None
+        # The noise scale of the last generator step: 0 means the hard masks are the generator's own
+        # deterministic decision, which the freeze then changes as little as the budget allows.
+        self.last_noise_scale: float | None = None
         self.budget_gap_at_freeze: float | None = None
         # Group decisions the freeze changed against the masks the LoRA steps last trained with.
         self.flips_at_freeze: int | None = None
@@ -184,6 +187,7 @@ class ATPController:
         flips = self._replace_hard_masks(new_hard)
         self.generator_steps += 1
         self.last_remaining_ratio = float(ratio.detach())
+        self.last_noise_scale = noise_scale
         self.metrics.update(
             {
                 "atp/calibration_loss": float(ce_mean),
@@ -200,11 +204,28 @@ class ATPController:
         self.generator.eval()
         return decision_scores(self.generator(), self.cfg.offset)
 
+    def freeze_scores(self) -> Masks:
+        """The scores the freeze ranks groups by.
+
+        When the last generator step sampled without noise (`anneal_noise`), its hard masks are the decision
+        the LoRA steps trained with: those groups are ranked above the others (kept first), so that the freeze
+        only adds or removes the lowest- or highest-scoring groups the exact budget needs. Otherwise, the
+        generator's noise-free scores alone.
+        """
+        scores = self.scores()
+        if self.last_noise_scale != 0.0:
+            return scores
+        anchored = {}
+        for s, score in scores.items():
+            margin = 2.0 * float(score.abs().max()) + 1.0
+            anchored[s] = score + margin * (self.hard_masks[s].to(score.device) - 0.5)
+        return anchored
+
     def freeze(self) -> Decision:
         """Fix the masks to the deterministic decision that meets the budget (up to rounding)."""
         cfg = self.cfg
         self.decision = freeze_decision(
-            self.scores(),
+            self.freeze_scores(),
             self.geo,
             self.counter,
             cfg.prune_ratio,
@@ -270,6 +291,7 @@ class ATPController:
             "decision": self.decision.kept if self.decision else None,
             "generator_steps": self.generator_steps,
             "control_steps": self.control_steps,
+            "last_noise_scale": self.last_noise_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,6 +309,7 @@ class ATPController:
         self.decision = Decision(kept=state["decision"], geo=self.geo) if state["decision"] else None
         self.generator_steps = int(state["generator_steps"])
         self.control_steps = int(state["control_steps"])
+        self.last_noise_scale = state.get("last_noise_scale")
         # Every rank read the checkpoint; make sure they read the same one.
         distributed.check_same(
             [*self.generator.parameters(), *(self.hard_masks[s] for s in self.structures)],
