@@ -18,6 +18,7 @@ DECI_FAMILIES = ("llama", "mistral", "qwen2", "phi3")
 OPENELM_FAMILIES = ("qwen3",)
 # rope_type values the writer can express: none, linear scaling, Llama 3's frequency factors.
 ROPE_TYPES = ("default", "linear", "llama3")
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF tensor types the writer produces
 
 
 class GGUFExportError(ValueError):
@@ -63,6 +64,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise GGUFExportError(f"{path} does not exist. Fix: pass a folder written by `axolotl atp-merge`.")
     return json.loads(path.read_text())
+
+
+def is_per_layer_export(config: dict[str, Any]) -> bool:
+    """A per_layer export of `atp-merge`: its config and modeling classes are the code it carries (trust_remote_code)."""
+    return str(config.get("model_type", "")).startswith("atp_") and "atp_layer_num_key_value_heads" in config
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:

@@ -72,8 +72,10 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     )
 
 
-def read_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
-    """The tokenizer saved in an HF export folder, padded to the embedding's `vocab_size` rows."""
+def read_vocab(folder: Path, vocab_size: int, trust_remote_code: bool = False) -> GGUFVocab:
+    """The tokenizer saved in an HF export folder, padded to the embedding's `vocab_size` rows.
+
+    `trust_remote_code`: the folder is a per-layer export, whose config class is the modeling code it carries."""
     from transformers import AutoTokenizer
 
     path = folder / "tokenizer.json"
@@ -111,7 +113,7 @@ def read_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
             types.append(NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     special_ids = {
         name: int(getattr(tok, f"{name}_token_id"))
         for name in ("bos", "eos", "unk", "pad")

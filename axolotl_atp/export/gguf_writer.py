@@ -23,10 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from axolotl_atp.export.gguf_layout import GGUFExportError, GGUFLayout, layout_of, read_config
+from axolotl_atp.export.gguf_layout import (
+    OUT_TYPES,
+    GGUFExportError,
+    GGUFLayout,
+    is_per_layer_export,
+    layout_of,
+    read_config,
+)
 from axolotl_atp.export.gguf_tokenizer import read_vocab, write_vocab
 
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
 Q8_0_BLOCK = 32
 
 
@@ -223,8 +229,9 @@ def write_gguf(
         raise GGUFExportError(f"--gguf-type {out_type!r} is not one of {', '.join(OUT_TYPES)}.")
     folder, out_file = Path(folder), Path(out_file)
     weights = Weights(folder)
-    layout = layout_of(read_config(folder), has_lm_head="lm_head.weight" in weights)
-    vocab = read_vocab(folder, layout.vocab_size)
+    config = read_config(folder)
+    layout = layout_of(config, has_lm_head="lm_head.weight" in weights)
+    vocab = read_vocab(folder, layout.vocab_size, trust_remote_code=is_per_layer_export(config))
     permute = layout.permute_rotary if permute_rotary is None else permute_rotary
     if layout.arch == "openelm" and 0 in layout.kv_heads:
         raise GGUFExportError("a layer keeps no attention group; llama.cpp's `openelm` needs one in every layer.")

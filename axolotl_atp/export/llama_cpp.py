@@ -78,10 +78,13 @@ def run_llama_cpp(
     texts: list[str] | None = None,
     generate: tuple[list[int], int] | None = None,
     threads: int | None = None,
+    kv_cache_f32: bool = True,
     timeout: float = 600,
 ) -> LlamaCppRun:
     """Evaluate token `sequences` (next-token logits at every position), tokenize `texts` with the file's own
-    tokenizer, and optionally time greedy generation of `generate = (prompt ids, new tokens)`."""
+    tokenizer, and optionally time greedy generation of `generate = (prompt ids, new tokens)`.
+
+    `kv_cache_f32`: keep llama.cpp's KV cache in f32 (for the check) instead of its default f16 (for speed)."""
     node, package = find_llama_cpp()
     sequences = sequences or []
     with tempfile.TemporaryDirectory(prefix="atp-llama-cpp-") as tmp:
@@ -90,6 +93,7 @@ def run_llama_cpp(
             "model": str(Path(model).resolve()),
             "vocab_size": vocab_size,
             "threads": threads if threads is not None else (os.cpu_count() or 1),
+            "kv_cache_f32": kv_cache_f32,
             "sequences": sequences,
             "texts": texts or [],
             "generate": {"prompt": generate[0], "tokens": generate[1]} if generate else None,

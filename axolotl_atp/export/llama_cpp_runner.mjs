@@ -1,7 +1,7 @@
 // Runs a GGUF file in llama.cpp through node-llama-cpp (v3), for axolotl_atp/export/llama_cpp.py.
 //
 // Usage: node llama_cpp_runner.mjs NODE_LLAMA_CPP_PACKAGE_DIR REQUEST.json
-// REQUEST: {model, vocab_size, threads, sequences: [[token ids]], texts: [str], generate: {prompt: [ids], tokens: n}}
+// REQUEST: {model, vocab_size, threads, kv_cache_f32, sequences: [[token ids]], texts: [str], generate: {prompt: [ids], tokens: n}}
 // Writes beside REQUEST.json:
 //   logits-<i>.f32   raw next-token logits of sequence i, [positions x vocab_size] float32 little-endian
 //   result.json      {llama_cpp_release, tokenized: [[ids]] (llama.cpp's own tokenizer, no BOS),
@@ -28,7 +28,18 @@ const threads = request.threads ?? 0;
 const result = { llama_cpp_release: llama.llamaCppRelease, tokenized: [], generation: null };
 
 const longest = Math.max(16, ...request.sequences.map((s) => s.length), (request.generate?.prompt?.length ?? 0) + (request.generate?.tokens ?? 0));
-const context = await model.createContext({ contextSize: longest + 8, batchSize: longest + 8, threads, sequences: 1 });
+// The check keeps the KV cache in f32 and flash attention off: the defaults (f16 cache, flash attention on CPU
+// in f16) alone move probabilities by ~1e-3.
+const kvType = request.kv_cache_f32 ? "F32" : "F16";
+const context = await model.createContext({
+  contextSize: longest + 8,
+  batchSize: longest + 8,
+  threads,
+  sequences: 1,
+  experimentalKvCacheKeyType: kvType,
+  experimentalKvCacheValueType: kvType,
+  flashAttention: request.kv_cache_f32 ? false : "auto",
+});
 const sequence = context.getSequence();
 
 for (const [i, ids] of request.sequences.entries()) {

@@ -149,8 +149,9 @@ def run_merge(
     overwrite: bool = False,
     base_weights: str = "auto",
     verify: bool = True,
+    gguf_type: str | None = None,
 ) -> Path:
-    """Merge, prune, write and verify; return the output folder."""
+    """Merge, prune, write and verify; return the output folder. `gguf_type`: also write FOLDER/model.gguf."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_atp.architectures import spec_for
@@ -172,6 +173,10 @@ def run_merge(
     base_dir = resolve_base_model(cfg)
     base_config = AutoConfig.from_pretrained(base_dir)
     spec = spec_for(base_config.model_type)
+    if gguf_type is not None:  # refuse families llama.cpp cannot run per layer before any work
+        from axolotl_atp.export.gguf_layout import check_supported
+
+        check_supported(base_config.to_dict())
     geo = ModelGeometry.from_config(base_config, spec)
     decision, masks_data = read_masks(run_dir / atp_cfg.masks_file, geo, base_config.model_type)
     layout = masks_data.get("layout", atp_cfg.layout)
@@ -273,6 +278,10 @@ def run_merge(
                 for k, m in zip(kv, mlp, strict=True)
             ],
         }
+        if gguf_type is not None:
+            from axolotl_atp.export.gguf_export import gguf_step
+
+            report["gguf"] = gguf_step(tmp, gguf_type, sample_texts(cfg.datasets), layout != "uniform", verify)
         write_report(tmp, report)
         plot_widths(kv, mlp, geo, tmp / "atp_widths.png")
         shutil.copy2(run_dir / atp_cfg.masks_file, tmp / "atp_masks.json")
