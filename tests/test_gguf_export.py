@@ -101,8 +101,9 @@ def test_16_bit_and_q8_0_files_run_within_their_tolerance(exports, tmp_path, out
     check = verify_gguf(export, summary.path, TEXTS, out_type, trust_remote_code=True)
     assert check.status == "passed", check
     assert 0 < check.mean_total_variation <= 0.1
-    unpermuted = write_gguf(export, tmp_path / "unpermuted.gguf", out_type, permute_rotary=False)
-    assert verify_gguf(export, unpermuted.path, TEXTS, out_type, trust_remote_code=True).status == "failed"
+    if out_type == "q8_0":  # the loosest check still catches a missing Q/K permutation
+        unpermuted = write_gguf(export, tmp_path / "unpermuted.gguf", out_type, permute_rotary=False)
+        assert verify_gguf(export, unpermuted.path, TEXTS, out_type, trust_remote_code=True).status == "failed"
 
 
 def test_rotary_permutation_pairs_halves():

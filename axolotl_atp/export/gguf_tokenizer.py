@@ -68,7 +68,8 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
             return "qwen2"
     raise GGUFExportError(
         f"the tokenizer's pre-tokenizer {json.dumps(pre)[:300]} is not one that llama.cpp has built in under a name "
-        "the GGUF export knows (GPT-2, SmolLM, Llama 3, Qwen2 byte-level BPE). Fix: export without --format gguf."
+        "the GGUF export knows (GPT-2, SmolLM, Llama 3, Qwen2 byte-level BPE); SentencePiece-style tokenizers "
+        "(Llama 2, Mistral v0.1-v0.3, Phi-3) are not written yet. Fix: export without --format gguf."
     )
 
 
@@ -86,11 +87,13 @@ def read_vocab(folder: Path, vocab_size: int, trust_remote_code: bool = False) -
         )
     data = json.loads(path.read_text())
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") != "BPE":
         raise GGUFExportError(
-            f"{path} holds a {model.get('type')} tokenizer{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}; "
-            "the GGUF export writes byte-level BPE tokenizers only. Fix: export without --format gguf."
+            f"{path} holds a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE tokenizers only. "
+            "Fix: export without --format gguf."
         )
+    # A SentencePiece-style BPE (Llama 2, Mistral v0.1-v0.3, Phi-3) has no ByteLevel pre-tokenizer: refused here.
+    # `byte_fallback` beside a ByteLevel pre-tokenizer is inert (every byte is a token) and allowed.
     pre = pre_tokenizer_name(data.get("pre_tokenizer"))
     added = {t["id"]: t for t in data.get("added_tokens") or []}
     by_id = {i: tok for tok, i in model["vocab"].items()}
