@@ -24,6 +24,7 @@ def gguf_step(
     A failed check raises GGUFExportError; a check that cannot run (no llama.cpp, or `verify` off) is
     recorded as skipped, with the reason, and logged as a warning: it never reads as a success.
     """
+    from axolotl_atp.export.gguf_layout import read_config, sliding_window_note
     from axolotl_atp.export.gguf_verify import GGUFCheck, verify_gguf
     from axolotl_atp.export.gguf_writer import write_gguf
     from axolotl_atp.log import get_logger
@@ -39,6 +40,9 @@ def gguf_step(
         out_type,
         summary.bytes_written / 1e6,
     )
+    note = sliding_window_note(read_config(folder))
+    if note:
+        log.warning("axolotl-atp: GGUF: %s", note)
     if summary.padded_mlp_layers:
         log.info("axolotl-atp: GGUF layers %s keep one zero MLP channel (llama.cpp's deci)", summary.padded_mlp_layers)
     if verify:

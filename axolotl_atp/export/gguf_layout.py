@@ -161,6 +161,20 @@ def layout_of(config: dict[str, Any], has_lm_head: bool | None = None) -> GGUFLa
     )
 
 
+def sliding_window_note(config: dict[str, Any]) -> str | None:
+    """A warning when the HF model limits attention to a window that the GGUF file (`deci`) does not carry."""
+    window = config.get("sliding_window")
+    family = str(config.get("model_type", "")).removeprefix("atp_")
+    active = config.get("use_sliding_window", family in ("mistral", "phi3"))
+    context = int(config.get("max_position_embeddings") or 0)
+    if active and window and int(window) < context:
+        return (
+            f"the model attends within a sliding window of {window} tokens; llama.cpp's `deci` attends to the whole "
+            f"context, so outputs agree only on inputs up to {window} tokens"
+        )
+    return None
+
+
 def check_supported(folder_or_config: Path | dict[str, Any]) -> GGUFLayout:
     """Refuse early (before training weights are read) what the GGUF export cannot write."""
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
