@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from axolotl_atp.export.gguf_layout import is_per_layer_export, read_config  # noqa: E402
-from axolotl_atp.export.gguf_verify import verify_gguf  # noqa: E402
-from axolotl_atp.export.gguf_writer import write_gguf  # noqa: E402
-from axolotl_atp.export.llama_cpp import run_llama_cpp  # noqa: E402
-from axolotl_atp.export.verify import FALLBACK_TEXTS  # noqa: E402
+from axolotl_atp.export.gguf_layout import is_per_layer_export, read_config
+from axolotl_atp.export.gguf_verify import verify_gguf
+from axolotl_atp.export.gguf_writer import write_gguf
+from axolotl_atp.export.llama_cpp import run_llama_cpp
+from axolotl_atp.export.verify import FALLBACK_TEXTS
 
 PROMPT = "The patient was admitted to the hospital with"
 
