@@ -185,3 +185,18 @@ def test_real_smollm2_per_layer_export_runs_in_llama_cpp(tmp_path, smollm2):
     check = verify_gguf(export, summary.path, FALLBACK_TEXTS, "f32", trust_remote_code=True)
     assert check.status == "passed", check
     assert check.max_abs_prob_diff <= 1e-3 and check.tokenizer_matches
+
+
+def test_pre_tokenizer_names_and_sentencepiece_refusal():
+    from axolotl_atp.export.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, pre_tokenizer_name
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert pre_tokenizer_name(byte_level) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    for regex, name in ((LLAMA3_REGEX, "llama-bpe"), (QWEN2_REGEX, "qwen2")):
+        split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+        steps = [split, {**byte_level, "use_regex": False}]
+        assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": steps}) == name
+    with pytest.raises(GGUFExportError, match="SentencePiece-style"):
+        pre_tokenizer_name({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"})

@@ -175,7 +175,13 @@ def sliding_window_note(config: dict[str, Any]) -> str | None:
     return None
 
 
-def check_supported(folder_or_config: Path | dict[str, Any]) -> GGUFLayout:
-    """Refuse early (before training weights are read) what the GGUF export cannot write."""
+def check_supported(folder_or_config: Path | dict[str, Any], tokenizer_dir: Path | None = None) -> GGUFLayout:
+    """Refuse early (before any weights are read) what the GGUF export cannot write: the family from the
+    config, and the tokenizer from `tokenizer_dir`/tokenizer.json where there is one."""
+    from axolotl_atp.export.gguf_tokenizer import check_tokenizer_file
+
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
-    return layout_of(config)
+    layout = layout_of(config)
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        check_tokenizer_file(Path(tokenizer_dir) / "tokenizer.json")
+    return layout

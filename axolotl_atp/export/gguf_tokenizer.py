@@ -73,6 +73,17 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     )
 
 
+def check_tokenizer_file(path: Path) -> None:
+    """Refuse, from tokenizer.json alone, a tokenizer the GGUF export cannot write (the merge's early check)."""
+    data = json.loads(path.read_text())
+    if (data.get("model") or {}).get("type") != "BPE":
+        raise GGUFExportError(
+            f"{path} holds a {(data.get('model') or {}).get('type')} tokenizer; the GGUF export writes byte-level BPE "
+            "tokenizers only. Fix: export without --format gguf."
+        )
+    pre_tokenizer_name(data.get("pre_tokenizer"))
+
+
 def read_vocab(folder: Path, vocab_size: int, trust_remote_code: bool = False) -> GGUFVocab:
     """The tokenizer saved in an HF export folder, padded to the embedding's `vocab_size` rows.
 
@@ -85,15 +96,9 @@ def read_vocab(folder: Path, vocab_size: int, trust_remote_code: bool = False) -
             f"{path} does not exist: the GGUF export needs a fast (tokenizer.json) byte-level BPE tokenizer. "
             "Fix: export without --format gguf."
         )
+    check_tokenizer_file(path)
     data = json.loads(path.read_text())
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise GGUFExportError(
-            f"{path} holds a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE tokenizers only. "
-            "Fix: export without --format gguf."
-        )
-    # A SentencePiece-style BPE (Llama 2, Mistral v0.1-v0.3, Phi-3) has no ByteLevel pre-tokenizer: refused here.
-    # `byte_fallback` beside a ByteLevel pre-tokenizer is inert (every byte is a token) and allowed.
+    model = data["model"]
     pre = pre_tokenizer_name(data.get("pre_tokenizer"))
     added = {t["id"]: t for t in data.get("added_tokens") or []}
     by_id = {i: tok for tok, i in model["vocab"].items()}

@@ -176,7 +176,7 @@ def run_merge(
     if gguf_type is not None:  # refuse families llama.cpp cannot run per layer before any work
         from axolotl_atp.export.gguf_layout import check_supported
 
-        check_supported(base_config.to_dict())
+        check_supported(base_config.to_dict(), tokenizer_dir=base_dir)
     geo = ModelGeometry.from_config(base_config, spec)
     decision, masks_data = read_masks(run_dir / atp_cfg.masks_file, geo, base_config.model_type)
     layout = masks_data.get("layout", atp_cfg.layout)
