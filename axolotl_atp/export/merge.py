@@ -272,9 +272,19 @@ def write_export(plan: MergePlan, folder: Path, started: float) -> WrittenExport
     return WrittenExport(stats, merge_seconds, peak_rss_mb, tokenizer_source)
 
 
-def write_report_files(plan: MergePlan, folder: Path, written: WrittenExport, check: LogitCheck | None) -> dict:
+def write_gguf_from(plan: MergePlan, folder: Path, gguf_type: str, verify: bool) -> dict:
+    """FOLDER/model.gguf for llama.cpp and ollama, checked in llama.cpp against the export: the report's entry."""
+    from axolotl_atp.export.gguf_export import gguf_step
+    from axolotl_atp.export.verify import sample_texts
+
+    return gguf_step(folder, gguf_type, sample_texts(plan.cfg.datasets), plan.remote_code, verify)
+
+
+def write_report_files(
+    plan: MergePlan, folder: Path, written: WrittenExport, check: LogitCheck | None, formats: dict | None = None
+) -> dict:
     """`atp_report.json`, the model card, the widths plot and a copy of the masks file; return the report."""
-    report = build_report(plan, written, check)
+    report = {**build_report(plan, written, check), **(formats or {})}
     write_report(folder, report)
     plot_widths(*widths(plan.decision, plan.geo), plan.geo, folder / "atp_widths.png")
     shutil.copy2(plan.run_dir / plan.atp_cfg.masks_file, folder / "atp_masks.json")
@@ -305,11 +315,16 @@ def run_merge(
     overwrite: bool = False,
     base_weights: str = "auto",
     verify: bool = True,
+    gguf_type: str | None = None,
 ) -> Path:
-    """Merge, prune, write and verify; return the output folder."""
+    """Merge, prune, write and verify; return the output folder. `gguf_type`: also write FOLDER/model.gguf."""
     started = time.time()
     # 1. plan: every input checked, and room for the export, before any weight is read
     plan = plan_merge(config_path, output_dir, overwrite, base_weights)
+    if gguf_type is not None:  # refuse what llama.cpp cannot run per layer before any work
+        from axolotl_atp.export.gguf_layout import check_supported
+
+        check_supported(plan.base_config.to_dict(), tokenizer_dir=plan.base_dir)
     check_free_space(plan.out.parent, export_bytes_estimate(plan.base, plan.removed_params))
     folder = temporary_sibling(plan.out)
     with removed_on_failure(folder, plan.out):
@@ -317,10 +332,11 @@ def run_merge(
         written = write_export(plan, folder, started)
         # 3. verify its logits against the merged, masked model
         check = verify_export(plan, folder, written.stats) if verify else None
-        # (further export formats are written here, from the verified export in `folder`)
-        # 4. report
-        report = write_report_files(plan, folder, written, check)
-        # 5. swap into place
+        # 4. other formats, written from the verified export in `folder` and checked in their own engine
+        formats = {"gguf": write_gguf_from(plan, folder, gguf_type, verify)} if gguf_type else {}
+        # 5. report
+        report = write_report_files(plan, folder, written, check, formats)
+        # 6. swap into place
         replace_folder(folder, plan.out)
     LOG.info(
         "axolotl-atp: wrote %s: %d -> %d parameters (%.1f%% of all removed), merge %.1f s, peak RSS %.0f MB",

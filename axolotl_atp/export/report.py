@@ -69,6 +69,18 @@ def plot_widths(kv_heads: list[int], mlp: list[int], geo: Any, path: Path) -> No
     plt.close(fig)
 
 
+def gguf_row(report: dict[str, Any]) -> str:
+    """The model card's line on the GGUF file of `--format gguf` (empty without one)."""
+    entry = report.get("gguf")
+    if not entry:
+        return ""
+    check = entry["verification"]
+    return (
+        f"| GGUF for llama.cpp / ollama | `{entry['file']}` ({entry['llama_cpp_arch']}, {entry['type']}); check in "
+        f"llama.cpp: {check['status']}, max abs probability difference {entry['max_abs_prob_diff']} |\n"
+    )
+
+
 def model_card(report: dict[str, Any]) -> str:
     uniform = report["layout"] == "uniform"
     loader = (
@@ -106,7 +118,7 @@ and physically sliced by `axolotl atp-merge`.
 | layout | {report["layout"]} |
 | base weights merged into | {report["base_weights"]} |
 | max abs logit difference vs. the trained masked model | {report["max_abs_logit_diff"]} |
-
+{gguf_row(report)}
 Kept widths per layer are in `atp_report.json` and `atp_widths.png`; the kept indices (original
 indexing) in `atp_masks.json`. The tokenizer is the training run's, unchanged.
 
