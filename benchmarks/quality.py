@@ -68,7 +68,7 @@ def row(kind: str, ratio: float = 0.0, seed: int = 42) -> dict[str, Any]:
 def plan(protocol: dict, quick: bool) -> list[dict[str, Any]]:
     """The rows, most informative first, so that a partial run already answers the main questions."""
     if quick:
-        return [row("dense"), row("atp", 0.4), row("two-stage", 0.4), row("ablation", 0.4)]
+        return [row("dense"), row("atp", 0.4), row("two-stage", 0.4)]
     ratios, seeds = protocol["ratios"], protocol["seeds"]
     rows = [row("dense"), row("atp", 0.3), row("two-stage", 0.3), row("atp-nokd", 0.3), row("ablation", 0.3)]
     rows += [row("atp", r) for r in ratios if r != 0.3]
@@ -153,7 +153,7 @@ def training_facts(log: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="ratio 0.4, four rows, 4 steps, 1k eval tokens (minutes)")
+    parser.add_argument("--quick", action="store_true", help="ratio 0.4, three rows, 4 steps, 1k eval tokens (minutes)")
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     parser.add_argument("--work", type=Path, default=None, help="where rows are saved (resumable)")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
@@ -221,8 +221,10 @@ def main() -> None:
         else:
             export = work / run["name"] / "export"
             cfg_path = work / run["name"] / f"{run['name']}.yml"
+            # The quick mode skips the merge's own logit check (tests/test_merge_e2e.py owns it).
+            verify = ["--no-verify"] if args.quick else []
             run_cli(
-                ["axolotl", "atp-merge", str(cfg_path), "--output-dir", str(export), "--overwrite"],
+                ["axolotl", "atp-merge", str(cfg_path), "--output-dir", str(export), "--overwrite", *verify],
                 work / run["name"] / "merge.log",
             )
             model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, trust_remote_code=True)

@@ -69,7 +69,8 @@ def main() -> None:
     config.write_text(text)
 
     train_s = run(["axolotl", "train", str(config)])
-    merge_s = run(["axolotl", "atp-merge", str(config), "--overwrite"])
+    # Also the GGUF file for llama.cpp / ollama, checked in llama.cpp against the HF export.
+    merge_s = run(["axolotl", "atp-merge", str(config), "--overwrite", "--format", "gguf", "--gguf-type", "f32"])
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,6 +97,9 @@ def main() -> None:
     report = json.loads((export / "atp_report.json").read_text())
     results["achieved_prune_ratio_prunable"] = report["achieved_prune_ratio"]
     results["max_abs_logit_diff"] = report["max_abs_logit_diff"]
+    gguf = report.get("gguf") or {}
+    results["gguf_check"] = (gguf.get("verification") or {}).get("status")
+    results["gguf_max_abs_prob_diff"] = gguf.get("max_abs_prob_diff")
     (OUT / "demo_results.json").write_text(json.dumps(results, indent=1) + "\n")
 
     print("\naxolotl-atp demo: SmolLM2-135M + PubMed abstracts (CPU)")
@@ -110,6 +114,10 @@ def main() -> None:
     )
     print(f"  masked model before export: PPL {results['ppl_masked_before_export']:.2f}")
     print(f"  export vs. masked model: max |logit diff| {results['max_abs_logit_diff']:.2e}")
+    if results["gguf_check"] == "passed":
+        print(f"  model.gguf in llama.cpp vs. the export: max |probability diff| {results['gguf_max_abs_prob_diff']:.2e}")
+    else:
+        print(f"  model.gguf: llama.cpp check {results['gguf_check']} (see atp_report.json)")
     print(f"  time: train {train_s:.0f} s, merge {merge_s:.0f} s, total {results['total_seconds']:.0f} s")
     print(f"  model: {export}\n  results: {OUT / 'demo_results.json'}")
 

@@ -38,12 +38,12 @@ def run_quick(script: str, work: Path) -> dict | list:
 
 def test_quality_quick(tmp_path, smollm2, pubmed):
     runs = {r["name"]: r for r in run_quick("quality", tmp_path)["runs"]}
-    assert set(runs) == {"base", "dense", "atp-0.4", "two-stage-0.4", "ablation-0.4"}
+    assert set(runs) == {"base", "dense", "atp-0.4", "two-stage-0.4"}
     for r in runs.values():
         assert math.isfinite(r["PubMed"]) and math.isfinite(r["Wikipedia"]) and r["PubMed"] > 1
     base = runs["base"]["params"]
     assert runs["dense"]["params"] == base
-    pruned = [runs[n]["params"] for n in ("atp-0.4", "two-stage-0.4", "ablation-0.4")]
+    pruned = [runs[n]["params"] for n in ("atp-0.4", "two-stage-0.4")]
     # Same budget for every pruned model: 40% of the prunable parameters, up to the rounding granularity.
     assert all(0.6 * base < p < 0.8 * base for p in pruned)
     assert max(pruned) - min(pruned) < 0.01 * base

@@ -13,7 +13,7 @@ from tests.kit import base_config, run_cli, write_config
 pytestmark = [pytest.mark.real, pytest.mark.e2e]
 
 
-def test_smollm2_pubmed_short_run_budget_falls_and_merges(tmp_path, smollm2, pubmed):
+def test_smollm2_pubmed_short_run_follows_the_budget_and_merges(tmp_path, smollm2, pubmed):
     cfg = base_config(
         smollm2,
         pubmed / "train.jsonl",
@@ -35,9 +35,16 @@ def test_smollm2_pubmed_short_run_budget_falls_and_merges(tmp_path, smollm2, pub
     assert result.returncode == 0, log[-5000:]
     rows = [r for r in logged_rows(log) if "atp/budget_loss" in r]
     assert len(rows) >= 8
-    budget = [r["atp/budget_loss"] for r in rows]
-    print("budget loss per generator step:", [round(b, 3) for b in budget])
-    assert min(budget[-3:]) < budget[0] * 0.85, budget
+    # The budget schedule ramps the target from dense to 0.6 over the first half of the control phase, and the
+    # generator's sampled remaining ratio follows it down (within 10 steps it lags; the freeze meets the budget).
+    targets = [r["atp/target_remaining_ratio"] for r in rows]
+    ratios = [r["atp/remaining_ratio"] for r in rows]
+    print(
+        "target / sampled remaining ratio per generator step:",
+        [(round(t, 3), round(r, 3)) for t, r in zip(targets, ratios, strict=True)],
+    )
+    assert targets[0] > 0.9 and targets[-1] == pytest.approx(0.6)
+    assert min(ratios[-3:]) < ratios[0] - 0.03, ratios
     masks = json.loads((Path(cfg["output_dir"]) / "atp_masks.json").read_text())
     assert len(masks["layers"]) == 30
     assert masks["geometry"]["num_heads"] == 9 and masks["geometry"]["num_kv_heads"] == 3
