@@ -68,7 +68,8 @@ def main() -> None:
     text = text.replace("CACHE/pubmed/train.jsonl", str(subset)).replace("CACHE", str(cache_dir()))
     config.write_text(text)
 
-    train_s = run(["axolotl", "train", str(config)])
+    # In this process's launcher: `accelerate launch` would pin the run to one CPU thread (OMP_NUM_THREADS=1).
+    train_s = run(["axolotl", "train", str(config), "--launcher", "python"])
     # Also the GGUF file for llama.cpp / ollama, checked in llama.cpp against the HF export.
     merge_s = run(["axolotl", "atp-merge", str(config), "--overwrite", "--format", "gguf", "--gguf-type", "f32"])
 
@@ -115,7 +116,9 @@ def main() -> None:
     print(f"  masked model before export: PPL {results['ppl_masked_before_export']:.2f}")
     print(f"  export vs. masked model: max |logit diff| {results['max_abs_logit_diff']:.2e}")
     if results["gguf_check"] == "passed":
-        print(f"  model.gguf in llama.cpp vs. the export: max |probability diff| {results['gguf_max_abs_prob_diff']:.2e}")
+        print(
+            f"  model.gguf in llama.cpp vs. the export: max |probability diff| {results['gguf_max_abs_prob_diff']:.2e}"
+        )
     else:
         print(f"  model.gguf: llama.cpp check {results['gguf_check']} (see atp_report.json)")
     print(f"  time: train {train_s:.0f} s, merge {merge_s:.0f} s, total {results['total_seconds']:.0f} s")
