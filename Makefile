@@ -6,6 +6,9 @@ export TRANSFORMERS_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 PY := .venv/bin/python
+# Test processes (pytest-xdist): the suite is mostly single-threaded process start-up (axolotl, transformers),
+# so one worker per core, each with one torch thread, keeps both cores busy. `make test TEST_WORKERS=8`.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-fast lint demo assets gpu-check
 
@@ -14,7 +17,8 @@ setup:
 
 test: setup
 	.venv/bin/ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m devkit.assets all  # once, before the workers start (they would race to install it)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup  ## unit tests only (no axolotl subprocesses, no real model)
 	$(PY) -m pytest -q -m "not e2e and not real"

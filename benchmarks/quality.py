@@ -7,7 +7,7 @@ Every row trains the real SmolLM2-135M on the same PubMed abstracts for the same
 
 Rows (the long protocol: 200 optimizer steps of 4x256 tokens, 204,800 training tokens, per row):
 - base (no training) and dense LoRA;
-- ATP with the defaults (distillation from the base model, cubic budget schedule) at 0.2, 0.3, 0.4, 0.5;
+- ATP with the defaults (distillation from the base model, linear budget schedule) at 0.2, 0.3, 0.4, 0.5;
 - ATP without distillation (`kd_weight: 0`) at the same ratios;
 - two-stage: a static Wanda-sp decision (benchmarks/static_importance.py) from calibration rows that are
   not training rows, then LoRA for the same steps on the fixed masks, with the same distillation;

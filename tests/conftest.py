@@ -17,9 +17,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real: uses the real SmolLM2-135M and PubMed assets")
 
 
+# Module-scoped fixtures that each cost a real training run: under `pytest -n N --dist loadgroup` (as
+# `make test` runs), the tests sharing one go to one worker, so the fixture is built once.
+SHARED_TRAINING_FIXTURES = ("trained_run", "uninterrupted", "ranks")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    for item in items:
+        for name in SHARED_TRAINING_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -211,6 +211,45 @@ def test_distiller_loss_mixes_ce_and_kd_over_the_accumulated_tokens():
     assert float(eval_loss) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_calibration_loss_is_the_kl_to_the_unpruned_model_and_reaches_the_masks():
+    """`kd_calibration`: the generator's loss is KL(unpruned base || masked model) per labelled token, and its
+    gradient reaches the soft masks (the generator's output), as the CE calibration loss does."""
+    peft_model = peft_tiny().train()
+    masked, spec = masked_model(peft_model)
+    geo = masked.geo
+    soft = {
+        "attention_heads": torch.full((geo.num_layers, geo.num_kv_heads), 0.7, requires_grad=True),
+        "mlp_channels": torch.rand(geo.num_layers, geo.intermediate_size, generator=torch.Generator().manual_seed(1))
+        .clamp(0.05, 0.95)
+        .requires_grad_(),
+    }
+    masked.set_masks(soft, MaskMode.FULL)
+    distiller = Distiller(FakeTrainer(peft_model), ATPConfig(kd_calibration=True))
+    distiller.start(masked, spec)
+    inputs = batch(seed=4)
+    loss = distiller.calibration_loss(peft_model, inputs)
+
+    with torch.no_grad():
+        student = peft_model(input_ids=inputs["input_ids"]).logits
+        with masked.masks_off(), peft_model.disable_adapter():
+            teacher = peft_model(input_ids=inputs["input_ids"]).logits
+    labels = inputs["labels"][:, 1:].reshape(-1)
+    keep = labels != -100
+    s = torch.log_softmax(student[:, :-1].reshape(-1, VOCAB)[keep], -1)
+    t = torch.log_softmax(teacher[:, :-1].reshape(-1, VOCAB)[keep], -1)
+    assert float(loss) == pytest.approx(float((t.exp() * (t - s)).sum() / keep.sum()), rel=1e-5)
+    assert float(loss) > 0
+    loss.backward()  # as the generator step: into the mask leaves, then on to the compact masks
+    torch.stack(masked.mask_gradient_terms()).sum().backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in soft.values())
+
+    # The same model as its own teacher (masks all on, the run's adapter kept): nothing to distil.
+    masked.set_masks({k: torch.ones_like(v) for k, v in soft.items()}, MaskMode.FULL)
+    distiller = Distiller(FakeTrainer(peft_model), ATPConfig(kd_calibration=True, kd_teacher="self"))
+    distiller.start(masked, spec)
+    assert float(distiller.calibration_loss(peft_model, inputs)) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_distiller_refuses_a_trainer_with_another_loss():
     trainer = SimpleNamespace(model=None, compute_loss_func=lambda *a, **k: 0, compute_loss=None)
     with pytest.raises(ValueError, match=r"atp\.kd_weight: 0"):

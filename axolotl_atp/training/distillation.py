@@ -260,18 +260,14 @@ class Distiller:
         def with_teacher(model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
             if not model.training or self.teacher is None or self.norm is None:
                 return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            self._teacher_hidden = self.teacher.hidden_states(model_inputs)
-            if self.keep_one_logit:
-                inputs = {**inputs, "logits_to_keep": 1}
-            try:
-                with captured_output(self.norm) as seen:
-                    self._student_hidden = seen
+            with self._teacher_then_student(inputs) as (student_inputs, teacher, student):
+                self._teacher_hidden, self._student_hidden = teacher, student
+                try:
                     return compute_loss(
-                        model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                        model, student_inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
                     )
-            finally:
-                self._teacher_hidden, self._student_hidden = None, None
+                finally:
+                    self._teacher_hidden, self._student_hidden = None, None
 
         trainer.compute_loss = with_teacher
 
@@ -303,15 +299,24 @@ class Distiller:
 
     def calibration_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """KL(teacher || masked model) per labelled token on a calibration batch (`kd_calibration`)."""
-        assert self.teacher is not None and self.norm is not None and self.logits is not None
-        model_inputs = {k: v for k, v in batch.items() if k != "labels"}
-        teacher = self.teacher.hidden_states(model_inputs)
-        if self.keep_one_logit:
-            model_inputs["logits_to_keep"] = 1
-        with captured_output(self.norm) as seen:
-            model(**model_inputs)
-        sums = distillation_sums(seen[-1], teacher, batch["labels"], self.logits, self.cfg.kd_temperature)
+        assert self.logits is not None
+        with self._teacher_then_student(batch) as (student_inputs, teacher, student):
+            model(**{k: v for k, v in student_inputs.items() if k != "labels"})
+        sums = distillation_sums(student[-1], teacher, batch["labels"], self.logits, self.cfg.kd_temperature)
         return self.cfg.kd_temperature**2 * sums.kl / max(1, sums.tokens)
+
+    @contextmanager
+    def _teacher_then_student(
+        self, inputs: dict[str, Any]
+    ) -> Iterator[tuple[dict[str, Any], torch.Tensor, list[torch.Tensor]]]:
+        """The steps both losses share: the teacher's hidden states for `inputs` (run now), then, for the
+        student's forward inside the block, its inputs (`logits_to_keep=1` where the model takes it) and the
+        list that collects its final-norm hidden states."""
+        assert self.teacher is not None and self.norm is not None
+        teacher = self.teacher.hidden_states({k: v for k, v in inputs.items() if k != "labels"})
+        student_inputs = {**inputs, "logits_to_keep": 1} if self.keep_one_logit else dict(inputs)
+        with captured_output(self.norm) as seen:
+            yield student_inputs, teacher, seen
 
     def pop_metrics(self) -> dict[str, float]:
         """Per-token means of the CE and KD terms since the last call (one optimizer step)."""
