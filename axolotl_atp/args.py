@@ -57,6 +57,21 @@ class ATPConfig(BaseModel):
     generator_interval: int = Field(
         default=1, ge=1, description="Train the generator every N optimizer steps of the control phase."
     )
+    generator_init: Literal["importance", "random"] = Field(
+        default="importance",
+        description="Where the generator starts: `importance` adds a fixed prior to its logits, the Wanda-sp "
+        "importance (activation-weighted weight magnitude) of each group on calibration rows, standardised within "
+        "each layer and structure, so the first decisions remove the least important groups of each layer and "
+        "the generator learns from there; `random` starts from its random initialisation alone (the paper).",
+    )
+    importance_batches: int = Field(
+        default=8, ge=1, description="Calibration batches the `importance` prior is measured on (forwards only)."
+    )
+    importance_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Logits added per standard deviation of importance within a layer (`generator_init: importance`).",
+    )
     generator_lr: float = Field(default=1e-2, gt=0.0, description="Learning rate of the generator's AdamW.")
     generator_weight_decay: float = Field(default=0.0, ge=0.0, description="Weight decay of the generator.")
     generator_hidden_size: int = Field(default=64, ge=4, description="Width of the generator's encoder.")

@@ -68,6 +68,34 @@ def test_merge_cost_quick(tmp_path, smollm2, pubmed):
     assert max(r["shards"] for r in data["rows"]) > 1  # the random model is written in several shards
 
 
+def test_decision_quality_quick(tmp_path, smollm2, pubmed):
+    """Zero-shot decision quality: the rows of the static criteria and of a masks file, at the budget asked."""
+    from transformers import AutoConfig
+
+    from benchmarks.synthetic import write_random_masks
+
+    masks = tmp_path / "random_masks.json"
+    write_random_masks(AutoConfig.from_pretrained(smollm2), masks, 0.2, "per_layer", seed=1)
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "decision_quality.py"), "--quick", "--no-record"]
+    command += ["--work", str(tmp_path), "--ratio", "0.2", "--masks", f"random={masks}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rows = {r["decision"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert len(rows) == 9 and "|---|" in done.stdout
+    base = rows["base (nothing removed)"]
+    assert base["removed"] == 0.0 and math.isfinite(base["PubMed"])
+    for name in ("Wanda-sp, both structures (two-stage's decision)", "Wanda-sp, MLP channels only", "random"):
+        assert 0.2 <= rows[name]["removed"] < 0.21, rows[name]  # the budget, up to one rounding block
+    assert rows["Wanda-sp, MLP channels only"]["kv_heads_kept"] == 1.0
+    # The same per-layer counts as the file: the same parameters removed, other groups.
+    assert rows["Wanda-sp at random's per-layer counts"]["removed"] == pytest.approx(rows["random"]["removed"])
+    # Removing groups costs perplexity; the parts remove less than the whole.
+    assert all(r["PubMed"] > base["PubMed"] for n, r in rows.items() if r["removed"] > 0)
+    assert rows["random: its MLP part only"]["removed"] < rows["random"]["removed"]
+
+
 def test_memory_estimate_adds_up():
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "memory_estimate.py"), "--no-record"],

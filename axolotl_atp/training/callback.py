@@ -19,6 +19,7 @@ from axolotl_atp.training.calibration import CalibrationSampler
 from axolotl_atp.training.checkpoint_state import checkpoint_dir, load_state, save_state
 from axolotl_atp.training.controller import ATPController
 from axolotl_atp.training.distillation import Distiller
+from axolotl_atp.training.importance import wanda_sp_scores
 
 LOG = get_logger(__name__)
 # Warn when the generator's sampled remaining ratio is this far above the target at the freeze.
@@ -103,9 +104,28 @@ class ATPCallback(TrainerCallback):
             )
         if state.global_step > 0:
             self._restore(checkpoint_dir(Path(args.output_dir), state.global_step))
+        elif self.atp_cfg.generator_init == "importance" and self.sampler is not None:
+            self._start_from_importance()
         if self.distiller is not None:
             self.distiller.start(self.controller.masked, self.controller.spec)
         self._log_plan()
+
+    def _start_from_importance(self) -> None:
+        """The generator's prior: Wanda-sp importance on the first calibration batches (unpruned model)."""
+        c, sampler = self.controller, self.sampler
+        assert c is not None and sampler is not None
+        count = self.atp_cfg.importance_batches
+        batches = (self.trainer._prepare_inputs(sampler.batch(i)) for i in range(count))
+        model = getattr(self.trainer.model, "module", self.trainer.model)
+        with c.masked.masks_off(), self.trainer.compute_loss_context_manager():
+            scores = wanda_sp_scores(model, c.spec, c.geo, batches, c.structures)
+        c.set_importance_prior(scores)
+        LOG.info(
+            "axolotl-atp: the generator starts from the Wanda-sp importance of %d calibration batches of %d rows "
+            "(generator_init: importance)",
+            count,
+            sampler.batch_size,
+        )
 
     def _refuse_sharded_trainer(self) -> None:
         """The last line of defence against FSDP/DeepSpeed turned on where the config validation cannot see."""

@@ -102,6 +102,14 @@ class ATPController:
         # ATP's LoRA-aware forward, or plain hard masks (the ablation) during the LoRA steps.
         self.lora_step_mode = MaskMode.LORA_AWARE if cfg.lora_aware else MaskMode.FULL
 
+    def set_importance_prior(self, importance: Masks) -> None:
+        """Start the generator from static importance (`generator_init: importance`): `importance_scale` times the
+        standardised scores is added to its logits for the whole run. Data parallel: rank 0's prior is used."""
+        self.generator.set_prior(
+            {s: self.cfg.importance_scale * importance[s].to(self.device) for s in self.structures}
+        )
+        distributed.broadcast_module(self.generator)
+
     def _use_decision_file(self, path: Path) -> None:
         """A fixed decision from step 0 (e.g. a static-importance baseline): the generator is not trained."""
         decision, _ = read_masks(path, self.geo, self.model_type)
@@ -292,6 +300,7 @@ class ATPController:
             "generator_steps": self.generator_steps,
             "control_steps": self.control_steps,
             "last_noise_scale": self.last_noise_scale,
+            "generator_prior": {s: p.cpu() for s, p in self.generator.prior().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -303,6 +312,8 @@ class ATPController:
                 f"{self.model_type} {expected}). Fix: resume with the config the checkpoint was made with."
             )
         self.generator.load_state_dict(state["generator"])
+        if "generator_prior" in state:  # absent from states written before the prior existed: zeros, as then
+            self.generator.set_prior({s: p.to(self.device) for s, p in state["generator_prior"].items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.noise.set_state(state["noise_rng"])
         self.hard_masks = {s: m.to(self.device) for s, m in state["hard_masks"].items()}

@@ -1,7 +1,8 @@
 """The pruning-decision generator (PDG): a small network outside the LLM that emits one logit per group.
 
 Learned per-layer embeddings go through a small transformer encoder (attention across the LLM's
-layers), a LayerNorm, and one linear head per (layer, structure). The decision is a Gumbel-sigmoid
+layers), a LayerNorm, and one linear head per (layer, structure), plus an optional fixed prior (the
+groups' static importance). The decision is a Gumbel-sigmoid
 sample with a straight-through hard threshold.
 """
 
@@ -41,9 +42,22 @@ class PruningDecisionGenerator(nn.Module):
             }
         )
 
+        # A fixed prior added to the logits (`generator_init: importance`); zeros for a random start. Saved with
+        # the controller's state rather than in this module's state_dict.
+        for name, n in groups_per_structure.items():
+            self.register_buffer(f"prior_{name}", torch.zeros(num_layers, n), persistent=False)
+
+    def prior(self) -> Masks:
+        return {name: getattr(self, f"prior_{name}") for name in self.heads}
+
+    def set_prior(self, prior: Masks) -> None:
+        for name, value in prior.items():
+            getattr(self, f"prior_{name}").copy_(value)
+
     def forward(self) -> Masks:
         hidden = self.norm(self.encoder(self.layer_embeddings.unsqueeze(0)).squeeze(0))
-        return {name: torch.einsum("ld,ldn->ln", hidden, weight) for name, weight in self.heads.items()}
+        prior = self.prior()
+        return {name: torch.einsum("ld,ldn->ln", hidden, weight) + prior[name] for name, weight in self.heads.items()}
 
 
 def gumbel_sigmoid(

@@ -1,0 +1,200 @@
+"""Decision quality without training: held-out PubMed perplexity of the *base* SmolLM2-135M with a decision's
+groups removed (no LoRA), for static importance criteria and for the decisions in masks files (a run's
+atp_masks.json), at one budget. Minutes instead of the hours of a training row: the quick check of whether
+a generator's choices beat simple importance scores.
+
+Rows, at prune ratio r:
+- base;
+- Wanda-sp over both structures (the decision of the two-stage baseline) and over MLP channels only;
+- per masks file: its decision; its MLP part alone and its heads part alone (the other structure whole);
+  and Wanda-sp's choice of the same number of groups per layer and structure (the file's allocation, the
+  static criterion's choice of which groups within each layer).
+
+Removing a group is exact here: the o_proj input columns of a KV head's query heads, or the down_proj input
+column of an MLP channel, are zeroed, which is what the export computes without them.
+
+    python benchmarks/decision_quality.py [--ratio 0.2] [--masks NAME=PATH ...] [--eval-tokens 4096]
+                                          [--quick] [--no-record] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, assets, dump, record
+
+Kept = dict[str, list[list[int]]]
+
+
+def remove_groups(model: Any, original: dict[str, torch.Tensor], spec: Any, geo: Any, kept: Kept) -> Any:
+    """`model` with the base weights of `original`, minus the groups that `kept` does not list."""
+    from axolotl_atp.groups import HEADS, MLP
+
+    model.load_state_dict(original)
+    layers = model.get_submodule(spec.layers_path)
+    columns_per_kv = geo.group_size * geo.head_dim
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            o = layer.get_submodule(spec.o).weight
+            keep = torch.zeros(o.shape[1], dtype=torch.bool)
+            for kv in kept[HEADS][i]:
+                keep[kv * columns_per_kv : (kv + 1) * columns_per_kv] = True
+            o[:, ~keep] = 0.0
+            down = layer.get_submodule(spec.down).weight
+            keep = torch.zeros(down.shape[1], dtype=torch.bool)
+            keep[kept[MLP][i]] = True
+            down[:, ~keep] = 0.0
+    return model
+
+
+def top_by_score(scores: torch.Tensor, counts: list[int]) -> list[list[int]]:
+    """Per layer, the `counts[i]` highest-scoring groups."""
+    return [
+        sorted(torch.argsort(row, descending=True, stable=True)[:k].tolist())
+        for row, k in zip(scores, counts, strict=True)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--masks", nargs="*", default=[], help="NAME=PATH of masks files (atp_masks.json)")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calibration-rows", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="1,024 eval tokens, 8 calibration rows (a minute)")
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "decision-quality")
+    args = parser.parse_args()
+    if args.quick:
+        args.eval_tokens, args.calibration_rows = 1024, 8
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_atp.architectures import spec_for
+    from axolotl_atp.decision import freeze_decision
+    from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
+    from axolotl_atp.masks_file import read_masks
+    from axolotl_atp.training.importance import wanda_sp_scores
+    from benchmarks.static_importance import calibration_batches
+    from devkit.evaluation import perplexity, read_texts, token_stream
+
+    model_dir, pubmed = assets()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    spec = spec_for(model.config.model_type)
+    geo = ModelGeometry.from_config(model.config, spec)
+    counter = ParameterCounter(geo, slice_refs(spec, geo))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), args.eval_tokens)
+    # Calibration rows no benchmark trains on (the quality benchmark trains on the first 4,000).
+    args.work.mkdir(parents=True, exist_ok=True)
+    calibration = args.work / "calibration.jsonl"
+    lines = (pubmed / "train.jsonl").read_text().splitlines(keepends=True)
+    calibration.write_text("".join(lines[4000 : 4000 + args.calibration_rows]))
+    inputs = [{"input_ids": b} for b in calibration_batches(tokenizer, calibration, args.calibration_rows, 256)]
+    scores = wanda_sp_scores(model, spec, geo, inputs, [HEADS, MLP])
+    whole = {
+        HEADS: [list(range(geo.num_kv_heads))] * geo.num_layers,
+        MLP: [list(range(geo.intermediate_size))] * geo.num_layers,
+    }
+
+    def freeze(structures: list[str]) -> Kept:
+        decision = freeze_decision(
+            {s: scores[s] for s in structures},
+            geo,
+            counter,
+            args.ratio,
+            "per_layer",
+            round_to={HEADS: 1, MLP: 8},
+            minimum={HEADS: 1, MLP: 1},
+        )
+        return {**whole, **decision.kept}
+
+    candidates: list[tuple[str, Kept]] = [
+        ("Wanda-sp, both structures (two-stage's decision)", freeze([HEADS, MLP])),
+        ("Wanda-sp, MLP channels only", freeze([MLP])),
+    ]
+    for item in args.masks:
+        name, path = item.split("=", 1)
+        decision, _ = read_masks(Path(path), geo, model.config.model_type)
+        kept = {**whole, **decision.kept}
+        counts = {s: [len(k) for k in kept[s]] for s in (HEADS, MLP)}
+        candidates += [
+            (f"{name}", kept),
+            (f"{name}: its MLP part only", {**whole, MLP: kept[MLP]}),
+            (f"{name}: its heads part only", {**whole, HEADS: kept[HEADS]}),
+            (f"Wanda-sp at {name}'s per-layer counts", {s: top_by_score(scores[s], counts[s]) for s in (HEADS, MLP)}),
+            (
+                f"Wanda-sp at {name}'s per-layer head counts (MLP whole)",
+                {**whole, HEADS: top_by_score(scores[HEADS], counts[HEADS])},
+            ),
+            (
+                f"Wanda-sp at {name}'s per-layer MLP counts (heads whole)",
+                {**whole, MLP: top_by_score(scores[MLP], counts[MLP])},
+            ),
+        ]
+
+    rows = [
+        {
+            "decision": "base (nothing removed)",
+            "kv_heads_kept": 1.0,
+            "mlp_kept": 1.0,
+            "removed": 0.0,
+            "PubMed": perplexity(model, ids),
+        }
+    ]
+    for name, kept in candidates:
+        masks = {s: torch.zeros(geo.num_layers, geo.num_groups(s)) for s in (HEADS, MLP)}
+        for s in (HEADS, MLP):
+            for layer, idx in enumerate(kept[s]):
+                masks[s][layer, idx] = 1.0
+        remove_groups(model, original, spec, geo, kept)
+        rows.append(
+            {
+                "decision": name,
+                "kv_heads_kept": float(masks[HEADS].mean()),
+                "mlp_kept": float(masks[MLP].mean()),
+                "removed": 1.0 - float(counter.remaining_ratio(masks)),
+                "PubMed": perplexity(model, ids, desc=name[:30]),
+            }
+        )
+        print(rows[-1], flush=True)
+    dump(args.work / "results.json", {"ratio": args.ratio, "eval_tokens": args.eval_tokens, "rows": rows})
+    body = report(rows, args)
+    print(body)
+    if not args.no_record:
+        masks = " ".join(f"--masks {m}" for m in args.masks)
+        record(
+            f"Decision quality (zero-shot, prune {args.ratio})",
+            body,
+            f"python benchmarks/decision_quality.py --ratio {args.ratio} {masks}".strip(),
+        )
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    lines = [
+        f"SmolLM2-135M base weights (no LoRA, no training) with each decision's groups removed; held-out PubMed "
+        f"perplexity on {args.eval_tokens:,} tokens; Wanda-sp from {args.calibration_rows} PubMed rows that no "
+        f"benchmark trains on. Commit {commit.strip()}. Removed = fraction of the prunable parameters.",
+        "",
+        "| decision | KV heads kept | MLP channels kept | removed | PubMed PPL |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['decision']} | {r['kv_heads_kept']:.3f} | {r['mlp_kept']:.3f} | {r['removed']:.3f} | {r['PubMed']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
