@@ -64,11 +64,16 @@ class ATPConfig(BaseModel):
         "each layer and structure, so the first decisions remove the least important groups of each layer and "
         "the generator learns from there; `random` starts from its random initialisation alone (the paper).",
     )
+    importance_structures: list[Structure] = Field(
+        default_factory=lambda: ["mlp_channels"],
+        description="The structures whose logits get the importance prior; the others start at random. Default: MLP "
+        "channels only (on SmolLM2, Wanda-sp's choice of KV heads was far worse than the generator's own).",
+    )
     importance_batches: int = Field(
         default=8, ge=1, description="Calibration batches the `importance` prior is measured on (forwards only)."
     )
     importance_scale: float = Field(
-        default=1.0,
+        default=3.0,
         gt=0.0,
         description="Logits added per standard deviation of importance within a layer (`generator_init: importance`).",
     )

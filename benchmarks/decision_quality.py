@@ -5,7 +5,7 @@ a generator's choices beat simple importance scores.
 
 Rows, at prune ratio r:
 - base;
-- Wanda-sp over both structures (the decision of the two-stage baseline) and over MLP channels only;
+- Wanda-sp over both structures, and over MLP channels only (the two-stage baseline's decision);
 - per masks file: its decision; its MLP part alone and its heads part alone (the other structure whole);
   and Wanda-sp's choice of the same number of groups per layer and structure (the file's allocation, the
   static criterion's choice of which groups within each layer).
@@ -119,8 +119,8 @@ def main() -> None:
         return {**whole, **decision.kept}
 
     candidates: list[tuple[str, Kept]] = [
-        ("Wanda-sp, both structures (two-stage's decision)", freeze([HEADS, MLP])),
-        ("Wanda-sp, MLP channels only", freeze([MLP])),
+        ("Wanda-sp, both structures", freeze([HEADS, MLP])),
+        ("Wanda-sp, MLP channels only (two-stage's decision)", freeze([MLP])),
     ]
     for item in args.masks:
         name, path = item.split("=", 1)

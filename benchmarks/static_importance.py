@@ -50,6 +50,7 @@ def write_static_decision(
     rows: int = 32,
     seq_len: int = 256,
     mlp_round_to: int = 8,
+    structures: tuple[str, ...] = (HEADS, MLP),
 ) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,11 +59,13 @@ def write_static_decision(
     spec = spec_for(model.config.model_type)
     geo = ModelGeometry.from_config(model.config, spec)
     inputs = [{"input_ids": ids} for ids in calibration_batches(tokenizer, calibration, rows, seq_len)]
-    scores = wanda_sp_scores(model, spec, geo, inputs, [HEADS, MLP])
+    scores = wanda_sp_scores(model, spec, geo, inputs, list(structures))
     data = write_decision(
         model.config, scores, out, ratio, layout, mlp_round_to=mlp_round_to, base_model=str(model_dir)
     )
-    data["notes"].append(f"static Wanda-sp decision from {rows} calibration rows of {calibration.name}")
+    data["notes"].append(
+        f"static Wanda-sp decision over {', '.join(structures)} from {rows} calibration rows of {calibration.name}"
+    )
     write_json_atomically(data, out)
     return out
 
@@ -75,9 +78,16 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, required=True)
     parser.add_argument("--layout", default="per_layer", choices=["per_layer", "uniform"])
     parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--structures", nargs="+", default=[HEADS, MLP], choices=[HEADS, MLP])
     args = parser.parse_args()
     write_static_decision(
-        args.model_dir, args.calibration, args.out, ratio=args.ratio, layout=args.layout, rows=args.rows
+        args.model_dir,
+        args.calibration,
+        args.out,
+        ratio=args.ratio,
+        layout=args.layout,
+        rows=args.rows,
+        structures=tuple(args.structures),
     )
     print(args.out)
 

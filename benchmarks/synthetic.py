@@ -76,7 +76,7 @@ def write_decision(
         model_type=config.model_type,
         prune_ratio=ratio,
         layout=layout,
-        structures=[HEADS, MLP],
+        structures=[s for s in (HEADS, MLP) if s in scores],
         counter=counter,
         base_model=base_model,
     )

@@ -34,24 +34,6 @@ def run(args: list[str]) -> float:
     return time.time() - started
 
 
-def masked_perplexity(model_dir: Path, run_dir: Path, ids) -> float:
-    """The trained model before export: base + merged LoRA with the frozen hard masks as hooks."""
-    from transformers import AutoConfig
-
-    from axolotl_atp.architectures import spec_for
-    from axolotl_atp.export.verify import reference_model
-    from axolotl_atp.groups import ModelGeometry
-    from axolotl_atp.masks_file import read_masks
-    from devkit.evaluation import perplexity
-
-    config = AutoConfig.from_pretrained(model_dir)
-    spec = spec_for(config.model_type)
-    geo = ModelGeometry.from_config(config, spec)
-    decision, _ = read_masks(run_dir / "atp_masks.json", geo, config.model_type)
-    model, _ = reference_model(model_dir, run_dir, spec, geo, decision, nf4_dtype=None)
-    return perplexity(model, ids, desc="masked")
-
-
 def main() -> None:
     os.environ.update(OFFLINE)
     from devkit.assets import cache_dir, ensure_pubmed, ensure_smollm2
@@ -89,7 +71,6 @@ def main() -> None:
         "params_pruned": pruned.num_parameters(),
         "ppl_base": perplexity(base, ids, desc="base"),
         "ppl_pruned_export": perplexity(pruned, ids, desc="export"),
-        "ppl_masked_before_export": masked_perplexity(model_dir, OUT / "run", ids),
         "eval_tokens": int(ids.numel()),
         "train_seconds": round(train_s, 1),
         "merge_seconds": round(merge_s, 1),
@@ -113,7 +94,6 @@ def main() -> None:
         f"  held-out PubMed PPL {results['ppl_base']:>12.2f} (base) -> {results['ppl_pruned_export']:.2f} "
         f"(pruned export), {results['eval_tokens']:,} tokens"
     )
-    print(f"  masked model before export: PPL {results['ppl_masked_before_export']:.2f}")
     print(f"  export vs. masked model: max |logit diff| {results['max_abs_logit_diff']:.2e}")
     if results["gguf_check"] == "passed":
         print(

@@ -86,9 +86,9 @@ def test_decision_quality_quick(tmp_path, smollm2, pubmed):
     assert len(rows) == 9 and "|---|" in done.stdout
     base = rows["base (nothing removed)"]
     assert base["removed"] == 0.0 and math.isfinite(base["PubMed"])
-    for name in ("Wanda-sp, both structures (two-stage's decision)", "Wanda-sp, MLP channels only", "random"):
+    for name in ("Wanda-sp, both structures", "Wanda-sp, MLP channels only (two-stage's decision)", "random"):
         assert 0.2 <= rows[name]["removed"] < 0.21, rows[name]  # the budget, up to one rounding block
-    assert rows["Wanda-sp, MLP channels only"]["kv_heads_kept"] == 1.0
+    assert rows["Wanda-sp, MLP channels only (two-stage's decision)"]["kv_heads_kept"] == 1.0
     # The same per-layer counts as the file: the same parameters removed, other groups.
     assert rows["Wanda-sp at random's per-layer counts"]["removed"] == pytest.approx(rows["random"]["removed"])
     # Removing groups costs perplexity; the parts remove less than the whole.

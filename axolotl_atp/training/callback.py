@@ -104,11 +104,14 @@ class ATPCallback(TrainerCallback):
             )
         if state.global_step > 0:
             self._restore(checkpoint_dir(Path(args.output_dir), state.global_step))
-        elif self.atp_cfg.generator_init == "importance" and self.sampler is not None:
+        elif self.atp_cfg.generator_init == "importance" and self.sampler is not None and self._importance_structures():
             self._start_from_importance()
         if self.distiller is not None:
             self.distiller.start(self.controller.masked, self.controller.spec)
         self._log_plan()
+
+    def _importance_structures(self) -> list[str]:
+        return [s for s in self.atp_cfg.importance_structures if s in self.atp_cfg.structures]
 
     def _start_from_importance(self) -> None:
         """The generator's prior: Wanda-sp importance on the first calibration batches (unpruned model)."""
@@ -118,11 +121,12 @@ class ATPCallback(TrainerCallback):
         batches = (self.trainer._prepare_inputs(sampler.batch(i)) for i in range(count))
         model = getattr(self.trainer.model, "module", self.trainer.model)
         with c.masked.masks_off(), self.trainer.compute_loss_context_manager():
-            scores = wanda_sp_scores(model, c.spec, c.geo, batches, c.structures)
+            scores = wanda_sp_scores(model, c.spec, c.geo, batches, self._importance_structures())
         c.set_importance_prior(scores)
         LOG.info(
-            "axolotl-atp: the generator starts from the Wanda-sp importance of %d calibration batches of %d rows "
-            "(generator_init: importance)",
+            "axolotl-atp: the generator's %s logits start from the Wanda-sp importance of %d calibration batches "
+            "of %d rows (generator_init: importance)",
+            " and ".join(scores),
             count,
             sampler.batch_size,
         )

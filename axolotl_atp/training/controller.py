@@ -105,9 +105,7 @@ class ATPController:
     def set_importance_prior(self, importance: Masks) -> None:
         """Start the generator from static importance (`generator_init: importance`): `importance_scale` times the
         standardised scores is added to its logits for the whole run. Data parallel: rank 0's prior is used."""
-        self.generator.set_prior(
-            {s: self.cfg.importance_scale * importance[s].to(self.device) for s in self.structures}
-        )
+        self.generator.set_prior({s: self.cfg.importance_scale * importance[s].to(self.device) for s in importance})
         distributed.broadcast_module(self.generator)
 
     def _use_decision_file(self, path: Path) -> None:
