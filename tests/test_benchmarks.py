@@ -87,7 +87,7 @@ def test_decision_quality_quick(tmp_path, smollm2, pubmed):
     base = rows["base (nothing removed)"]
     assert base["removed"] == 0.0 and math.isfinite(base["PubMed"])
     for name in ("Wanda-sp, both structures", "Wanda-sp, MLP channels only (two-stage's decision)", "random"):
-        assert 0.2 <= rows[name]["removed"] < 0.21, rows[name]  # the budget, up to one rounding block
+        assert 0.2 - 1e-6 <= rows[name]["removed"] < 0.21, rows[name]  # the budget, up to one rounding block (fp32)
     assert rows["Wanda-sp, MLP channels only (two-stage's decision)"]["kv_heads_kept"] == 1.0
     # The same per-layer counts as the file: the same parameters removed, other groups.
     assert rows["Wanda-sp at random's per-layer counts"]["removed"] == pytest.approx(rows["random"]["removed"])
