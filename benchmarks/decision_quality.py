@@ -10,8 +10,8 @@ Rows, at prune ratio r:
   and Wanda-sp's choice of the same number of groups per layer and structure (the file's allocation, the
   static criterion's choice of which groups within each layer).
 
-Removing a group is exact here: the o_proj input columns of a KV head's query heads, or the down_proj input
-column of an MLP channel, are zeroed, which is what the export computes without them.
+Removing a group is exact here: the plugin's hard masks on the o_proj input columns of a KV head's query heads
+and on the down_proj input column of an MLP channel, which is what the export computes without them.
 
     python benchmarks/decision_quality.py [--ratio 0.2] [--masks NAME=PATH ...] [--eval-tokens 4096]
                                           [--quick] [--no-record] [--work DIR]
@@ -23,7 +23,6 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,27 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, assets, dump, record
 
 Kept = dict[str, list[list[int]]]
-
-
-def remove_groups(model: Any, original: dict[str, torch.Tensor], spec: Any, geo: Any, kept: Kept) -> Any:
-    """`model` with the base weights of `original`, minus the groups that `kept` does not list."""
-    from axolotl_atp.groups import HEADS, MLP
-
-    model.load_state_dict(original)
-    layers = model.get_submodule(spec.layers_path)
-    columns_per_kv = geo.group_size * geo.head_dim
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
-            o = layer.get_submodule(spec.o).weight
-            keep = torch.zeros(o.shape[1], dtype=torch.bool)
-            for kv in kept[HEADS][i]:
-                keep[kv * columns_per_kv : (kv + 1) * columns_per_kv] = True
-            o[:, ~keep] = 0.0
-            down = layer.get_submodule(spec.down).weight
-            keep = torch.zeros(down.shape[1], dtype=torch.bool)
-            keep[kept[MLP][i]] = True
-            down[:, ~keep] = 0.0
-    return model
 
 
 def top_by_score(scores: torch.Tensor, counts: list[int]) -> list[list[int]]:
@@ -79,8 +57,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_atp.architectures import spec_for
-    from axolotl_atp.decision import freeze_decision
+    from axolotl_atp.decision import Decision, freeze_decision
     from axolotl_atp.groups import HEADS, MLP, ModelGeometry, ParameterCounter, slice_refs
+    from axolotl_atp.masking import MaskedModel, MaskMode
     from axolotl_atp.masks_file import read_masks
     from axolotl_atp.training.importance import wanda_sp_scores
     from benchmarks.static_importance import calibration_batches
@@ -92,7 +71,6 @@ def main() -> None:
     spec = spec_for(model.config.model_type)
     geo = ModelGeometry.from_config(model.config, spec)
     counter = ParameterCounter(geo, slice_refs(spec, geo))
-    original = {k: v.clone() for k, v in model.state_dict().items()}
     ids = token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), args.eval_tokens)
     # Calibration rows no benchmark trains on (the quality benchmark trains on the first 4,000).
     args.work.mkdir(parents=True, exist_ok=True)
@@ -151,12 +129,11 @@ def main() -> None:
             "PubMed": perplexity(model, ids),
         }
     ]
+    # Hard masks on the inputs of o_proj and down_proj: exactly the model without those groups (masking.py).
+    masked = MaskedModel(model, spec, geo)
     for name, kept in candidates:
-        masks = {s: torch.zeros(geo.num_layers, geo.num_groups(s)) for s in (HEADS, MLP)}
-        for s in (HEADS, MLP):
-            for layer, idx in enumerate(kept[s]):
-                masks[s][layer, idx] = 1.0
-        remove_groups(model, original, spec, geo, kept)
+        masks = Decision(kept=kept, geo=geo).masks()
+        masked.set_masks(masks, MaskMode.FULL)
         rows.append(
             {
                 "decision": name,
