@@ -135,7 +135,8 @@ def final_metrics(log: str) -> dict:
 def machine() -> str:
     import torch
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}{gpu}"
 
 
 def record(section: str, body: str, command: str) -> None:

@@ -20,7 +20,10 @@ with a key made of its resolved training config; a row is run again only when it
 changed (a new default changes the key). RESULTS.md is built from the saved rows, with the date and commit;
 rows not yet measured are listed as such.
 
-    python benchmarks/quality.py [--quick] [--no-record] [--work DIR] [--max-minutes M] [--only NAME ...]
+Rows are independent: `--jobs N` trains N at once (each in its own `axolotl train` process, with its own
+prepared dataset), for a machine with the cores or a GPU to spare; every row records the machine it ran on.
+
+    python benchmarks/quality.py [--quick] [--no-record] [--work DIR] [--max-minutes M] [--only NAME ...] [--jobs N]
 """
 
 from __future__ import annotations
@@ -28,17 +31,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, assets, dump, pubmed_subset, record, run_cli, smollm2_config, train
+from benchmarks.common import ROOT, assets, dump, machine, pubmed_subset, record, run_cli, smollm2_config, train
 
 # train_rows: 200 steps x 4 rows for the long protocol (the calibration split is held out of these).
 LONG = {
@@ -101,15 +107,24 @@ def atp_block(run: dict, decision: Path | None) -> dict | None:
     return block
 
 
-def run_config(run: dict, model_dir: Path, data: Path, work: Path, protocol: dict, decision: Path | None) -> dict:
+def run_config(
+    run: dict,
+    model_dir: Path,
+    data: Path,
+    work: Path,
+    protocol: dict,
+    decision: Path | None,
+    shared_prepared: bool = True,
+) -> dict:
     out = work / run["name"]
     common = {
         "max_steps": protocol["steps"],
         "micro_batch_size": protocol["micro_batch_size"],
         "logging_steps": 10,
         "seed": run["seed"],
-        # One prepared dataset for all rows (same data, tokenizer and length): tokenized once.
-        "dataset_prepared_path": str(work / "prepared"),
+        # One prepared dataset for all rows (same data, tokenizer and length): tokenized once. Rows trained at the
+        # same time each tokenize their own (two processes writing one prepared folder would race).
+        "dataset_prepared_path": str(work / "prepared" if shared_prepared else out / "prepared"),
     }
     return smollm2_config(model_dir, data, out, atp=atp_block(run, decision), **common)
 
@@ -159,6 +174,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="where rows are saved (resumable)")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
     parser.add_argument("--only", nargs="*", default=None, help="run only these rows (by name)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (default 1)")
     args = parser.parse_args()
     protocol = QUICK if args.quick else LONG
     work = args.work or ROOT / "benchmarks" / "work" / ("quality-quick" if args.quick else "quality-long")
@@ -185,8 +201,14 @@ def main() -> None:
         "Wikipedia": token_stream(tokenizer, read_texts(wiki / "articles.jsonl"), protocol["eval_tokens"]),
     }
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = machine()
+
     def evaluate(model) -> dict:
-        return {name: perplexity(model, ids) for name, ids in evals.items()} | {"params": model.num_parameters()}
+        model = model.to(device)
+        scores = {name: perplexity(model, ids) for name, ids in evals.items()} | {"params": model.num_parameters()}
+        del model
+        return scores
 
     saved = work / "rows"
     base_path = saved / "base.json"
@@ -196,9 +218,9 @@ def main() -> None:
         base.update(layout="-", **evaluate(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)))
         dump(base_path, {"key": base_key, "row": base})
 
-    for run in plan(protocol, args.quick):
-        if args.only and run["name"] not in args.only:
-            continue
+    lock = threading.Lock()
+
+    def measure(run: dict) -> None:
         decision = None
         if run["kind"] == "two-stage":
             from axolotl_atp.groups import MLP
@@ -215,14 +237,14 @@ def main() -> None:
                 layout="per_layer",
                 structures=(MLP,),
             )
-        cfg = run_config(run, model_dir, data, work, protocol, decision)
+        cfg = run_config(run, model_dir, data, work, protocol, decision, shared_prepared=args.jobs == 1)
         key = row_key(cfg, protocol)
         path = saved / f"{run['name']}.json"
         if _is_current(path, key):
-            continue
+            return
         if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
-            print(f"stopping before {run['name']}: --max-minutes {args.max_minutes} reached", flush=True)
-            break
+            print(f"not starting {run['name']}: --max-minutes {args.max_minutes} reached", flush=True)
+            return
         begun = time.time()
         log, metrics = train(cfg, run["name"])
         run_dir = Path(cfg["output_dir"])
@@ -245,11 +267,26 @@ def main() -> None:
             "train_loss": metrics.get("train_loss"),
             "train_seconds": metrics.get("train_runtime"),
             "seconds": round(time.time() - begun),
+            "machine": where,
             "commit": _commit(),
             "date": time.strftime("%Y-%m-%d"),
         }
-        print(result, flush=True)
-        dump(path, {"key": key, "row": result})
+        with lock:
+            print(result, flush=True)
+            dump(path, {"key": key, "row": result})
+
+    todo = [run for run in plan(protocol, args.quick) if not args.only or run["name"] in args.only]
+    failed: list[str] = []
+    if args.jobs == 1:
+        for run in todo:
+            measure(run)
+    else:  # a failed row is reported, and the others still run
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {run["name"]: pool.submit(measure, run) for run in todo}
+            for name, future in futures.items():
+                if future.exception() is not None:
+                    print(f"row {name} failed: {future.exception()}", flush=True)
+                    failed.append(name)
 
     results = [json.loads(p.read_text())["row"] for p in sorted(saved.glob("*.json"))]
     order = ["base"] + [r["name"] for r in plan(protocol, args.quick)]
@@ -258,6 +295,8 @@ def main() -> None:
     missing = [r["name"] for r in plan(protocol, args.quick) if r["name"] not in {x["name"] for x in results}]
     body = report(results, protocol, missing)
     print(body)
+    if failed:
+        raise SystemExit(f"rows failed: {', '.join(failed)}")
     if not args.no_record:
         plot = write_plot(results, ROOT / "benchmarks" / ("quality-quick.png" if args.quick else "quality.png"))
         mode = "quick" if args.quick else "long protocol"
@@ -273,7 +312,13 @@ def _is_current(path: Path, key: str) -> bool:
 
 
 def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    """The checkout's commit; AXOLOTL_ATP_COMMIT names it where the tree is a copy without git."""
+    if os.environ.get("AXOLOTL_ATP_COMMIT"):
+        return os.environ["AXOLOTL_ATP_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return "unknown"
     return done.stdout.strip() or "unknown"
 
 
@@ -284,7 +329,8 @@ def report(results: list[dict], protocol: dict, missing: list[str]) -> str:
         f"({steps * mb * 256:,} training tokens) of PubMed abstracts for every trained row; ATP's generator trains "
         f"for the first half. Perplexity on {protocol['eval_tokens']:,} held-out tokens of each set, measured on "
         "the exported models (`atp-merge`, loaded with `from_pretrained`). Each row's commit and date are its own "
-        "(rows are kept between sessions and rerun only when their config changes).",
+        "(rows are kept between sessions and rerun only when their config changes); so is its machine (rows can be "
+        "trained on a GPU with the same fp32 config, `--jobs`).",
         "",
         format_table(results),
     ]
@@ -302,7 +348,7 @@ def format_table(results: list[dict]) -> str:
     two_stage = {r["ratio"]: r for r in results if r["kind"] == "two-stage"}
     lines = [
         "| row | prune ratio | seed | parameters | PubMed PPL | Wikipedia PPL | PubMed / dense LoRA | PubMed / two-stage "
-        "| freeze flips | commit, date |",
+        "| freeze flips | commit, date, machine |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -310,7 +356,7 @@ def format_table(results: list[dict]) -> str:
         ref = two_stage.get(r["ratio"])
         vs_two = f"{r['PubMed'] / ref['PubMed']:.2f}" if ref and r["kind"] not in ("two-stage", "base", "dense") else ""
         flips = f"{r['freeze_flips'] / r['groups']:.2%}" if r.get("groups") else ""
-        when = f"{r['commit']}, {r['date']}" if r.get("commit") else ""
+        when = ", ".join(str(r[k]) for k in ("commit", "date", "machine") if r.get(k))
         lines.append(
             f"| {r['method']} | {r['ratio']} | {r.get('seed') or ''} | {r['params']:,} | {r['PubMed']:.2f} | "
             f"{r['Wikipedia']:.2f} | {vs_dense} | {vs_two} | {flips} | {when} |"

