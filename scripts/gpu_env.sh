@@ -5,6 +5,9 @@
 # to the image's python3, and exports the offline variables. Then: scripts/gpu_check.sh, the benchmarks.
 BUNDLE=${1:?usage: source scripts/gpu_env.sh BUNDLE_DIR}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 WANDB_MODE=disabled
+# One dataset process: on the lent H200 (16 cores, 2026-11-29) `axolotl train` hung for minutes in datasets'
+# save_to_disk(num_proc>1), waiting for its multiprocess Manager to start (faulthandler's traceback).
+export AXOLOTL_DATASET_NUM_PROC=1
 export AXOLOTL_ATP_CACHE=/tmp/atp-cache AXOLOTL_ATP_PYTHON=${AXOLOTL_ATP_PYTHON:-$(command -v python3)}
 export PYTHONPATH="/tmp/atp-site/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ ! -d /tmp/atp-site/site ]; then
