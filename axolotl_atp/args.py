@@ -207,6 +207,18 @@ class ATPConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def check_importance_structures_are_pruned(self) -> ATPConfig:
+        # Only where the user listed them: the default (MLP channels) simply does nothing when they are not pruned.
+        unpruned = [s for s in self.importance_structures if s not in self.structures]
+        if "importance_structures" in self.model_fields_set and unpruned:
+            raise ValueError(
+                f"atp.importance_structures lists {unpruned}, which atp.structures ({self.structures}) does not "
+                "prune: no prior would be applied to it. Fix: remove it from atp.importance_structures, or add it "
+                "to atp.structures."
+            )
+        return self
+
+    @model_validator(mode="after")
     def require_whole_generator_heads(self) -> ATPConfig:
         if self.generator_hidden_size % self.generator_num_heads:
             raise ValueError(

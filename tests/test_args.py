@@ -21,3 +21,10 @@ def test_every_rule_is_a_small_named_function():
     assert all(rule.__name__.startswith(("require_", "refuse_")) for rule in AXOLOTL_CONFIG_RULES)
     check_axolotl_config(VALID)
     check_axolotl_config({**VALID, "adapter": "qlora", "merge_lora": True})  # the merge loads QLoRA unquantized
+
+
+def test_default_importance_structures_do_not_refuse_a_heads_only_run():
+    from axolotl_atp.args import ATPConfig
+
+    # Only an explicit importance_structures entry that is not pruned is refused (tests/test_config.py).
+    assert ATPConfig(prune_ratio=0.3, structures=["attention_heads"]).importance_structures == ["mlp_channels"]

@@ -64,6 +64,10 @@ BAD_INPUTS = [
     ({"atp": {"structures": []}}, r"atp.structures is empty"),
     ({"atp": {"structures": ["mlp_channels", "mlp_channels"]}}, r"lists a structure twice"),
     ({"atp": {"structures": ["layers"]}}, r"structures"),
+    (
+        {"atp": {"structures": ["attention_heads"], "importance_structures": ["mlp_channels"]}},
+        r"atp.importance_structures lists \['mlp_channels'\], which atp.structures \(\['attention_heads'\]\) does not",
+    ),
     ({"atp": {"layout": "ragged"}}, r"layout"),
     ({"atp": {"control_steps": 6}}, r"atp.control_steps = 6 is not below max_steps = 6"),
     ({"atp": {"control_steps": 0}}, r"control_steps"),
