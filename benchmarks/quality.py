@@ -206,9 +206,7 @@ def main() -> None:
 
     def evaluate(model) -> dict:
         model = model.to(device)
-        scores = {name: perplexity(model, ids) for name, ids in evals.items()} | {"params": model.num_parameters()}
-        del model
-        return scores
+        return {name: perplexity(model, ids) for name, ids in evals.items()} | {"params": model.num_parameters()}
 
     saved = work / "rows"
     base_path = saved / "base.json"

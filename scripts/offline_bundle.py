@@ -7,12 +7,12 @@ nothing else, and no package registry or Hugging Face Hub to fetch the rest from
 - `site.tar.xz`: the Python packages `axolotl train`, `axolotl atp-merge`, the tests and the benchmarks import
   that such an image lacks, at this project's versions (axolotl's stack is pinned: transformers, peft,
   accelerate, datasets, trl, tokenizers, huggingface_hub), installed for the target's Python by pip into one
-  folder; bitsandbytes keeps its CUDA 13 libraries only, and the
-  binaries that are never run are left out (`UNUSED`);
-- `assets.tar.gz`: the PubMed sets (the first TRAIN_ROWS training abstracts), Wikipedia and SmolLM2's GGUF (which the target converts to the same fp32
-  folder as here: `scripts/gpu_env.sh`), split into `assets.tar.gz.partNN` of at most `--part-mib` each, so
-  that each piece fits one transfer (the first one shares its transfer with `site.tar.xz`), and the whole
-  archive's `assets.sha256`, by which the target knows that every piece has arrived.
+  folder; bitsandbytes keeps its CUDA 13 libraries only, and binaries that are never run are left out (`UNUSED`);
+- `assets.tar.gz`: the PubMed sets (the first TRAIN_ROWS training abstracts), Wikipedia and SmolLM2's GGUF
+  (which the target converts to the same fp32 folder as here: `scripts/gpu_env.sh`), split into
+  `assets.tar.gz.partNN` of at most `--part-mib` each, so that each piece fits one transfer (the first one
+  shares its transfer with `site.tar.xz`), and the whole archive's `assets.sha256`, by which the target knows
+  that every piece has arrived.
 
     python scripts/offline_bundle.py [--out DIR] [--python-version 3.12] [--part-mib 60]
 
@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,6 @@ MISSING = [
     "pytz",
     "sniffio",
     "termcolor",
-    "trl",
     "typing-inspection",
     "wandb",
     "zstandard",
@@ -117,24 +117,19 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 PLATFORMS += ["manylinux2014_x86_64", "manylinux1_x86_64", "any"]
 
 
-def installed_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
-
-
 def build_site(out: Path, python_version: str) -> Path:
     """Wheels for the target (a pure-Python wheel built here where PyPI has only a source archive), installed
     by pip into one folder and packed."""
     wheels, site = out / "wheels", out / "site"
-    shutil.rmtree(site, ignore_errors=True)
-    wheels.mkdir(parents=True, exist_ok=True)
+    for stale in (wheels, site):  # one version of each package: pip refuses two
+        shutil.rmtree(stale, ignore_errors=True)
+    wheels.mkdir(parents=True)
     pip = [sys.executable, "-m", "pip"]
     target = ["--python-version", python_version, "--implementation", "cp"]
     for platform in PLATFORMS:
         target += ["--platform", platform]
     for name in dict.fromkeys([*PINNED, *MISSING]):
-        spec = f"{name}=={PINNED.get(name) or installed_version(name)}"
+        spec = f"{name}=={PINNED.get(name) or version(name)}"
         fetched = subprocess.run(
             [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", *target, "-d", str(wheels), spec],
             capture_output=True,
