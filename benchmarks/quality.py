@@ -18,7 +18,9 @@ Rows (the long protocol: 200 optimizer steps of 4x256 tokens, 204,800 training t
 The run is resumable: each row's result is saved under `--work` (benchmarks/work/quality-long by default)
 with a key made of its resolved training config; a row is run again only when it is missing or its key
 changed (a new default changes the key). RESULTS.md is built from the saved rows, with the date and commit;
-rows not yet measured are listed as such.
+rows not yet measured are listed as such. Within a row, the long protocol checkpoints every 10 optimizer
+steps, and a row stopped midway resumes from its newest complete checkpoint (axolotl's
+`auto_resume_from_checkpoints`; the plugin restores the generator, masks and schedule), unless its key changed.
 
 Rows are independent: `--jobs N` trains N at once (each in its own `axolotl train` process, with its own
 prepared dataset), for a machine with the cores or a GPU to spare; every row records the machine it ran on.
@@ -33,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +57,9 @@ LONG = {
     "train_rows": 4000,
     "ratios": [0.2, 0.3, 0.4, 0.5],
     "seeds": [42, 43, 44],
+    # A row of the long protocol takes hours on 2 CPU cores: it checkpoints every so many optimizer steps, and a
+    # row stopped midway (the session ended) resumes from its newest complete checkpoint on the next run.
+    "checkpoint_steps": 10,
 }
 QUICK = {"steps": 4, "micro_batch_size": 2, "eval_tokens": 1024, "train_rows": 400, "ratios": [0.4], "seeds": [42]}
 METHODS = {
@@ -127,6 +133,30 @@ def run_config(
         "dataset_prepared_path": str(work / "prepared" if shared_prepared else out / "prepared"),
     }
     return smollm2_config(model_dir, data, out, atp=atp_block(run, decision), **common)
+
+
+def with_checkpoints(cfg: dict, every: int) -> dict:
+    """`cfg` saving a checkpoint every `every` optimizer steps and resuming from the newest complete one.
+    Added after the row key is taken: where a row checkpoints does not change its result."""
+    return {
+        **cfg,
+        "save_strategy": "steps",
+        "save_steps": every,
+        "save_total_limit": 2,
+        "auto_resume_from_checkpoints": True,
+    }
+
+
+def prepare_resume(run_dir: Path, key: str) -> int | None:
+    """The step a row will resume from, or None for a fresh start. Checkpoints left by a run of another key
+    (the config or a default changed since) are removed, so that the row starts again."""
+    stamp = run_dir / "row_key.txt"
+    if run_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != key):
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key + "\n")
+    steps = [int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps) if steps else None
 
 
 def row_key(cfg: dict, protocol: dict) -> str:
@@ -244,8 +274,17 @@ def main() -> None:
             print(f"not starting {run['name']}: --max-minutes {args.max_minutes} reached", flush=True)
             return
         begun = time.time()
-        log, metrics = train(cfg, run["name"])
         run_dir = Path(cfg["output_dir"])
+        resumed_from = prepare_resume(run_dir, key) if protocol.get("checkpoint_steps") else None
+        if protocol.get("checkpoint_steps"):
+            cfg = with_checkpoints(cfg, protocol["checkpoint_steps"])
+        # A resumed row's log continues the earlier ones' (the freeze may have been logged by an earlier part).
+        log_path = work / run["name"] / f"{run['name']}.log"
+        earlier = log_path.read_text() if resumed_from is not None and log_path.is_file() else ""
+        log, metrics = train(cfg, run["name"])
+        if earlier:
+            log = earlier + log
+            log_path.write_text(log)
         if run["kind"] == "dense":
             model = merged_dense(model_dir, run_dir)
         else:
@@ -265,6 +304,8 @@ def main() -> None:
             "train_loss": metrics.get("train_loss"),
             "train_seconds": metrics.get("train_runtime"),
             "seconds": round(time.time() - begun),
+            # train_seconds and seconds then cover only the part trained by this invocation.
+            "resumed_from_step": resumed_from,
             "machine": where,
             "commit": _commit(),
             "date": time.strftime("%Y-%m-%d"),

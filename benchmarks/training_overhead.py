@@ -17,6 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, pubmed_subset, record, smollm2_config, train
 
+# Variants of the default ATP block (distillation from the base model, group_lasso prox), LoRA only.
+LORA_MODES: dict[str, dict] = {
+    "loss": {"group_lasso": "loss", "group_lasso_strength": 0.01},
+    "nokd": {"kd_weight": 0.0},
+    "interval2": {"generator_interval": 2},
+}
+MODE_LABELS = {
+    "": "defaults",
+    "loss": "group_lasso loss",
+    "nokd": "no distillation",
+    "interval2": "generator_interval 2",
+}
+
 
 def phase_times(total_control: float, total_frozen: float, steps: int) -> tuple[float, float]:
     """Per-step seconds (control, frozen) from T_c = (N-1)c + f and T_f = c + (N-1)f."""
@@ -45,18 +58,11 @@ def main() -> None:
             "atp_frozen": {**atp, "control_steps": 1},
         }
         if adapter == "lora":
-            plans["atp_control_loss_mode"] = {
-                **atp,
-                "control_steps": steps - 1,
-                "group_lasso": "loss",
-                "group_lasso_strength": 0.01,
-            }
-            plans["atp_frozen_loss_mode"] = {
-                **atp,
-                "control_steps": 1,
-                "group_lasso": "loss",
-                "group_lasso_strength": 0.01,
-            }
+            # The other group-lasso mode, no distillation (the frozen phase is then a plain LoRA step on hard
+            # masks), and a generator step every second optimizer step.
+            for mode, extra_atp in LORA_MODES.items():
+                plans[f"atp_control_{mode}"] = {**atp, **extra_atp, "control_steps": steps - 1}
+                plans[f"atp_frozen_{mode}"] = {**atp, **extra_atp, "control_steps": 1}
         for name, plan in plans.items():
             key = f"{adapter}_{name}"
             cfg = smollm2_config(model, data, work / key, atp=plan, max_steps=steps, **shape, **extra)
@@ -70,16 +76,19 @@ def main() -> None:
         plain = runs[f"{adapter}_plain"]
         base_step = plain["train_runtime"] / steps
         lines.append(f"| {adapter} plain | {base_step:.2f} | 1.00 | {plain['peak_rss_mb']:.0f} | 1.00 |")
-        for mode in ("", "_loss_mode"):
-            if f"{adapter}_atp_control{mode}" not in runs:
+        for mode in ("", *LORA_MODES):
+            suffix = f"_{mode}" if mode else ""
+            if f"{adapter}_atp_control{suffix}" not in runs:
                 continue
-            c_run, f_run = runs[f"{adapter}_atp_control{mode}"], runs[f"{adapter}_atp_frozen{mode}"]
+            c_run, f_run = runs[f"{adapter}_atp_control{suffix}"], runs[f"{adapter}_atp_frozen{suffix}"]
             control, frozen = phase_times(c_run["train_runtime"], f_run["train_runtime"], steps)
-            gl = "loss" if mode else "prox"
-            summary[f"{adapter}_{gl}"] = {"control_ratio": control / base_step, "frozen_ratio": frozen / base_step}
+            summary[f"{adapter}_{mode or 'defaults'}"] = {
+                "control_ratio": control / base_step,
+                "frozen_ratio": frozen / base_step,
+            }
             for label, step_s, run in (("control phase", control, c_run), ("after freeze", frozen, f_run)):
                 lines.append(
-                    f"| {adapter} ATP, {label}, group_lasso {gl} | {step_s:.2f} | {step_s / base_step:.2f} | "
+                    f"| {adapter} ATP ({MODE_LABELS[mode]}), {label} | {step_s:.2f} | {step_s / base_step:.2f} | "
                     f"{run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] / plain['peak_rss_mb']:.2f} |"
                 )
     table = "\n".join(lines)
@@ -90,8 +99,11 @@ def main() -> None:
         body = (
             f"{steps} optimizer steps per run (2x{shape['sequence_len']} tokens per step), LoRA r=16 on all "
             "seven projections, prune_ratio 0.4, CPU fp32. Peak RSS is the training process's resident memory "
-            "(CPU runs have no GPU memory to report). The per-phase step times are solved from two runs (N-1 control steps + 1 frozen, and 1 + N-1), so differences of about 10% are within run-to-run noise on these shared machines. The control-phase cost is one extra forward and backward pass per step (the generator's calibration batch, the size of a micro-batch); `generator_interval: 2` halves it.\n\n"
-            + table
+            "(CPU runs have no GPU memory to report). The per-phase step times are solved from two runs (N-1 control steps + 1 frozen, and 1 + N-1), so differences of about 10% are within run-to-run noise on these shared machines. ATP runs with its defaults "
+            "(distillation from the base model: one teacher forward per micro-batch; the importance prior; group_lasso "
+            "prox) unless the row names a change. A control-phase step adds a generator step (a forward and backward "
+            "pass over a calibration batch the size of a micro-batch, plus its teacher forward when `kd_calibration` "
+            "is on); `generator_interval: 2` runs it every second step.\n\n" + table
         )
         record(
             f"Training overhead ({mode})",

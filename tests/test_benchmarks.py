@@ -110,3 +110,20 @@ def test_memory_estimate_adds_up():
     total = next(v for n, v in items if n.startswith("**total"))
     assert abs(sum(parts) - total) < 0.1 * len(parts)
     assert next(v for n, v in items if n.startswith("total with")) > total
+
+
+def test_quality_row_resumes_only_its_own_checkpoints(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.quality import prepare_resume, with_checkpoints
+
+    run_dir = tmp_path / "atp-0.3" / "run"
+    assert prepare_resume(run_dir, "key-a") is None  # a fresh row
+    for step in (10, 20):
+        (run_dir / f"checkpoint-{step}").mkdir()
+    assert prepare_resume(run_dir, "key-a") == 20  # the same config: resumed
+    assert (run_dir / "checkpoint-10").is_dir()
+    assert prepare_resume(run_dir, "key-b") is None  # the config changed: its checkpoints are not resumed
+    assert not list(run_dir.glob("checkpoint-*"))
+    cfg = with_checkpoints({"save_strategy": "no", "max_steps": 200}, 10)
+    assert cfg["save_strategy"] == "steps" and cfg["save_steps"] == 10 and cfg["auto_resume_from_checkpoints"]
+    assert cfg["max_steps"] == 200
