@@ -77,6 +77,12 @@ class ATPConfig(BaseModel):
         gt=0.0,
         description="Logits added per standard deviation of importance within a layer (`generator_init: importance`).",
     )
+    importance_centre: Literal["mean", "budget"] = Field(
+        default="mean",
+        description="Where the prior is zero in each layer: at the layer's mean importance (`mean`), or at the "
+        "quantile the budget would remove if the prior's structures carried it alone (`budget`: with the offset "
+        "at 0 the first decision is then the static one at the final budget, whatever the scale).",
+    )
     generator_lr: float = Field(default=1e-2, gt=0.0, description="Learning rate of the generator's AdamW.")
     generator_weight_decay: float = Field(default=0.0, ge=0.0, description="Weight decay of the generator.")
     generator_hidden_size: int = Field(default=64, ge=4, description="Width of the generator's encoder.")

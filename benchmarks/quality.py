@@ -194,6 +194,9 @@ def training_facts(log: str) -> dict[str, Any]:
     flips = re.search(r"the freeze changed (\d+) of (\d+) group decisions", log)
     if flips:
         facts["freeze_flips"], facts["groups"] = int(flips.group(1)), int(flips.group(2))
+    kept = re.search(r"the generator last kept ([0-9.]+) of the prunable parameters", log)
+    if kept:
+        facts["remaining_at_freeze"] = float(kept.group(1))
     return facts
 
 

@@ -127,3 +127,42 @@ def test_quality_row_resumes_only_its_own_checkpoints(tmp_path):
     cfg = with_checkpoints({"save_strategy": "no", "max_steps": 200}, 10)
     assert cfg["save_strategy"] == "steps" and cfg["save_steps"] == 10 and cfg["auto_resume_from_checkpoints"]
     assert cfg["max_steps"] == 200
+
+
+def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from axolotl_atp.args import ATPConfig
+    from benchmarks.demo_variants import VARIANTS, demo_config, report, variant_config
+
+    model, data = tmp_path / "model", tmp_path / "train.jsonl"
+    demo = demo_config(model, data, tmp_path / "demo")
+    assert demo["base_model"] == str(model) and demo["datasets"][0]["path"] == str(data)
+    for name, (_, change) in VARIANTS.items():
+        if name == "two-stage":
+            continue  # its block names a decision file (built from the real model)
+        cfg = variant_config(name, model, data, tmp_path, decision=None)
+        assert cfg["output_dir"] == str(tmp_path / name / "run")
+        if name == "dense":
+            assert "atp" not in cfg and "plugins" not in cfg
+            continue
+        assert cfg["atp"] == {**demo["atp"], **change}
+        resolved = ATPConfig(**cfg["atp"])
+        assert all(getattr(resolved, k) == v for k, v in change.items())
+    rows = {
+        "base": {"name": "base", "method": "base", "PubMed": 21.0, "Wikipedia": 23.0, "params": 10},
+        "dense": {"name": "dense", "method": "dense", "PubMed": 15.0, "Wikipedia": 22.0, "params": 10},
+        "two-stage": {"name": "two-stage", "method": "two", "PubMed": 30.0, "Wikipedia": 40.0, "params": 8},
+        "defaults": {
+            "name": "defaults",
+            "method": "atp",
+            "PubMed": 27.0,
+            "Wikipedia": 35.0,
+            "params": 8,
+            "freeze_flips": 3,
+            "groups": 300,
+            "remaining_at_freeze": 0.812,
+        },
+    }
+    table = report(rows)
+    assert "| atp | 8 | 27.00 | 35.00 | 1.80 | 0.90 | 0.812 | 1.00% |" in table
+    assert "Not yet measured: kd-calibration" in table

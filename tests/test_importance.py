@@ -97,3 +97,32 @@ def test_the_prior_ranks_dead_channels_last_and_is_kept_across_a_resume():
     older = ATPController(peft_model, cfg, total_steps=10, peak_lr=1e-3, seed=0)
     older.load_state_dict(old)
     torch.testing.assert_close(older.scores()[MLP], random_start)
+
+
+def test_a_prior_centred_on_the_budget_quantile_removes_the_budget_at_offset_zero():
+    """`importance_centre: budget`: the prior is negative on exactly the least important fraction of each layer's
+    channels that meets the budget when the MLP carries it alone, whatever the scale."""
+    model = tiny("llama", seed=5, num_hidden_layers=2)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.0))
+    spec, geo = geometry(model)
+    scores = wanda_sp_scores(peft_model, spec, geo, batches(), [MLP])
+    for scale in (1.0, 30.0):
+        cfg = ATPConfig(prune_ratio=0.2, importance_scale=scale, importance_centre="budget")
+        ctl = ATPController(peft_model, cfg, total_steps=10, peak_lr=1e-3, seed=0)
+        q = ctl.budget_quantile([MLP])
+        mlp_cost = geo.num_layers * geo.num_groups(MLP) * ctl.counter.cost_per_group[MLP]
+        assert q == pytest.approx(0.2 * ctl.counter.prunable_total / mlp_cost)
+        ctl.set_importance_prior(scores)
+        prior = ctl.generator.prior()[MLP]
+        removed = (prior < 0).sum(1)
+        expected = q * geo.num_groups(MLP)
+        assert ((removed - expected).abs() <= 1).all(), (removed, expected)
+        # The order within each layer is the importance order.
+        order = prior.argsort(1)
+        assert torch.equal(order, scores[MLP].argsort(1))
+    # The mean centre (the default) is the plain standardised score.
+    ctl = ATPController(
+        peft_model, ATPConfig(prune_ratio=0.2, importance_scale=2.0), total_steps=10, peak_lr=1e-3, seed=0
+    )
+    ctl.set_importance_prior(scores)
+    torch.testing.assert_close(ctl.generator.prior()[MLP], 2.0 * scores[MLP])

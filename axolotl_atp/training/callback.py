@@ -174,11 +174,17 @@ class ATPCallback(TrainerCallback):
             counts = self.controller.decision.counts() if self.controller.decision else {}
             LOG.info("axolotl-atp: masks frozen at step %d; kept per layer: %s", state.global_step, counts)
             flips, groups = self.controller.flips_at_freeze or 0, self.controller.num_groups_total
+            last = self.controller.last_remaining_ratio
             LOG.info(
-                "axolotl-atp: the freeze changed %d of %d group decisions (%.2f%%) against the masks last trained with",
+                "axolotl-atp: the freeze changed %d of %d group decisions (%.2f%%) against the masks last trained "
+                "with%s",
                 flips,
                 groups,
                 100 * flips / groups,
+                ""
+                if last is None
+                else f"; the generator last kept {last:.3f} of the prunable parameters (target "
+                f"{1.0 - self.atp_cfg.prune_ratio:.3f})",
             )
             gap = self.controller.budget_gap_at_freeze
             if gap is not None and gap > BUDGET_GAP_WARNING:

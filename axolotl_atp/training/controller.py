@@ -104,9 +104,26 @@ class ATPController:
 
     def set_importance_prior(self, importance: Masks) -> None:
         """Start the generator from static importance (`generator_init: importance`): `importance_scale` times the
-        standardised scores is added to its logits for the whole run. Data parallel: rank 0's prior is used."""
-        self.generator.set_prior({s: self.cfg.importance_scale * importance[s].to(self.device) for s in importance})
+        standardised scores, less each layer's centre (`importance_centre`), is added to its logits for the whole
+        run. Data parallel: rank 0's prior is used."""
+        centres = self.importance_centres(importance)
+        self.generator.set_prior(
+            {s: self.cfg.importance_scale * (importance[s].cpu() - centres[s]).to(self.device) for s in importance}
+        )
         distributed.broadcast_module(self.generator)
+
+    def budget_quantile(self, structures: list[str]) -> float:
+        """The fraction of each of `structures`' groups that meets the budget when they alone carry it."""
+        cost = sum(self.geo.num_layers * self.geo.num_groups(s) * self.counter.cost_per_group[s] for s in structures)
+        return min(1.0, self.cfg.prune_ratio * self.counter.prunable_total / max(1, cost))
+
+    def importance_centres(self, importance: Masks) -> Masks:
+        """Per structure, each layer's zero of the prior ([layers, 1]): 0 (the standardised mean) or the layer's
+        budget quantile."""
+        if self.cfg.importance_centre == "mean":
+            return {s: torch.zeros(z.shape[0], 1) for s, z in importance.items()}
+        q = self.budget_quantile(list(importance))
+        return {s: torch.quantile(z.float().cpu(), q, dim=1, keepdim=True) for s, z in importance.items()}
 
     def _use_decision_file(self, path: Path) -> None:
         """A fixed decision from step 0 (e.g. a static-importance baseline): the generator is not trained."""

@@ -80,14 +80,22 @@ def _chunk_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE sum, KL(teacher || student) sum at temperature T) of one chunk of labelled tokens."""
     student_logits = logits(student)
-    ce = F.cross_entropy(student_logits, labels, reduction="sum")
     if not with_kl:
+        ce = F.cross_entropy(student_logits, labels, reduction="sum")
         return ce, ce.new_zeros(())
     with torch.no_grad():
-        teacher_logprobs = F.log_softmax(logits(teacher) / temperature, dim=-1)
-    student_logprobs = F.log_softmax(student_logits / temperature, dim=-1)
+        teacher_logprobs = F.log_softmax(_scaled(logits(teacher), temperature), dim=-1)
+    student_logprobs = F.log_softmax(_scaled(student_logits, temperature), dim=-1)
+    if temperature == 1.0:  # the CE reuses the KL's log-softmax
+        ce = -student_logprobs.gather(1, labels[:, None]).sum()
+    else:
+        ce = F.cross_entropy(student_logits, labels, reduction="sum")
     kl = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum()
     return ce, kl
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def distillation_sums(
@@ -101,8 +109,10 @@ def distillation_sums(
     """CE and KL sums over the labelled next-token positions, one chunk of logits at a time.
 
     `*_hidden` are [batch, seq, hidden] after the final norm; position t predicts `labels[:, t + 1]`, as in
-    the causal-LM loss of transformers. Each chunk runs inside a non-reentrant activation checkpoint: its
-    logits are freed after the forward and recomputed in the backward.
+    the causal-LM loss of transformers. Where there are several chunks, each runs inside a non-reentrant
+    activation checkpoint: its logits are freed after the forward and recomputed in the backward. A single
+    chunk runs without one: its logits are the only ones held either way, and recomputing them would cost
+    one more pass of the output head.
     """
     hidden_size = student_hidden.shape[-1]
     targets = labels[:, 1:].reshape(-1).to(student_hidden.device)
@@ -112,19 +122,15 @@ def distillation_sums(
     targets = targets[positions]
     ce = student_hidden.new_zeros((), dtype=torch.float32)
     kl = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, int(positions.numel()), chunk_tokens):
+    count = int(positions.numel())
+    for start in range(0, count, chunk_tokens):
         part = slice(start, start + chunk_tokens)
         t_part = teacher[part] if teacher is not None else student[part].detach()
-        chunk_ce, chunk_kl = checkpoint(
-            _chunk_terms,
-            student[part],
-            t_part,
-            targets[part],
-            logits,
-            temperature,
-            teacher is not None,
-            use_reentrant=False,
-        )
+        args = (student[part], t_part, targets[part], logits, temperature, teacher is not None)
+        if count > chunk_tokens:
+            chunk_ce, chunk_kl = checkpoint(_chunk_terms, *args, use_reentrant=False)
+        else:
+            chunk_ce, chunk_kl = _chunk_terms(*args)
         ce = ce + chunk_ce
         kl = kl + chunk_kl
     return DistillationSums(ce=ce, kl=kl, tokens=int(positions.numel()))
@@ -313,8 +319,10 @@ class Distiller:
         student's forward inside the block, its inputs (`logits_to_keep=1` where the model takes it) and the
         list that collects its final-norm hidden states."""
         assert self.teacher is not None and self.norm is not None
-        teacher = self.teacher.hidden_states({k: v for k, v in inputs.items() if k != "labels"})
-        student_inputs = {**inputs, "logits_to_keep": 1} if self.keep_one_logit else dict(inputs)
+        # Both forwards stop the output head at one position: the hook's hidden states feed the chunked head.
+        keep = {"logits_to_keep": 1} if self.keep_one_logit else {}
+        teacher = self.teacher.hidden_states({**{k: v for k, v in inputs.items() if k != "labels"}, **keep})
+        student_inputs = {**inputs, **keep}
         with captured_output(self.norm) as seen:
             yield student_inputs, teacher, seen
 

@@ -1,0 +1,216 @@
+"""Variants of the demo config, trained and exported side by side: which ATP settings give the best exported
+model at the budget a CPU affords, and does the generator beat a static decision given the same LoRA steps?
+
+Every row trains the real SmolLM2-135M with `example_ymls/smollm2-135m-pubmed-cpu.yml` (prune 0.2, 80 steps of
+2x256 tokens of the demo's 3,000 PubMed abstracts, 40 control steps, calibration batch 1, distillation on), with
+one change per row; every pruned model is written by `axolotl atp-merge` and evaluated as the exported model on
+8,192 held-out PubMed tokens (the demo's) and 8,192 Wikipedia tokens. Rows:
+
+- `dense`: the same LoRA steps with no plugin (what the ratios divide by);
+- `defaults`: the demo config as it is;
+- `two-stage`: Wanda-sp's decision over MLP channels from 32 abstracts the run does not train on, then the same
+  LoRA steps on the fixed masks with the same distillation (no LoRA-aware forward, no group lasso);
+- `kd-calibration`: the generator's calibration loss is the KL to the unpruned model instead of CE;
+- `prior-budget-10`: the importance prior at scale 10, centred on each layer's budget quantile;
+- `prior-mean-10`: the importance prior at scale 10, centred on each layer's mean;
+- `random-start`: the generator started at random (the paper);
+- `no-kd`: no distillation.
+
+Rows are saved under `--work` (benchmarks/work/demo-variants) keyed by their resolved config and rerun only
+when it changes, so a run stopped midway keeps its finished rows; RESULTS.md is built from the saved rows.
+One seed per row: differences of a few percent are within what a seed changes.
+
+    python benchmarks/demo_variants.py [--only NAME ...] [--max-minutes M] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, assets, dump, machine, record, run_cli, train
+from benchmarks.quality import _commit, _is_current, merged_dense, row_key, training_facts
+
+EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
+PROTOCOL = {"steps": 80, "micro_batch_size": 2, "eval_tokens": 8192, "train_rows": 3000}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dense": ("dense LoRA (no pruning)", {}),
+    "defaults": ("ATP, the demo config", {}),
+    "two-stage": ("two-stage (Wanda-sp on MLP channels, then LoRA)", {}),
+    "kd-calibration": ("ATP, kd_calibration: true", {"kd_calibration": True}),
+    "prior-budget-10": (
+        "ATP, importance_scale 10, importance_centre budget",
+        {"importance_scale": 10.0, "importance_centre": "budget"},
+    ),
+    "prior-mean-10": ("ATP, importance_scale 10 (mean centre)", {"importance_scale": 10.0}),
+    "random-start": ("ATP, generator_init: random", {"generator_init": "random"}),
+    "no-kd": ("ATP, kd_weight: 0", {"kd_weight": 0.0}),
+}
+
+
+def demo_config(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
+    """The example config with this machine's paths, writing under `out`."""
+    text = EXAMPLE.read_text().replace("CACHE/smollm2-135m-hf", str(model_dir))
+    cfg = yaml.safe_load(text)
+    cfg["datasets"] = [{**cfg["datasets"][0], "path": str(data)}]
+    cfg["output_dir"] = str(out / "run")
+    return cfg
+
+
+def variant_config(name: str, model_dir: Path, data: Path, work: Path, decision: Path | None) -> dict[str, Any]:
+    cfg = demo_config(model_dir, data, work / name)
+    cfg["dataset_prepared_path"] = str(work / "prepared")  # same data and tokenizer: tokenized once
+    if name == "dense":
+        cfg.pop("plugins")
+        cfg.pop("atp")
+    elif name == "two-stage":
+        assert decision is not None
+        keep = ("structures", "mlp_round_to")
+        cfg["atp"] = {k: cfg["atp"][k] for k in keep} | {
+            "decision_file": str(decision),
+            "lora_aware": False,
+            "group_lasso": "off",
+        }
+    else:
+        cfg["atp"] = {**cfg["atp"], **VARIANTS[name][1]}
+    return cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", default=None, help="run only these rows (by name)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
+    parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "demo-variants")
+    args = parser.parse_args()
+    started = time.time()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.static_importance import write_static_decision
+    from devkit.assets import ensure_wikipedia
+    from devkit.evaluation import read_texts, token_stream
+
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, pubmed = assets()
+    lines = (pubmed / "train.jsonl").read_text().splitlines(keepends=True)
+    data = work / "train.jsonl"  # the demo's subset: the first 3,000 training abstracts
+    if not data.is_file() or data.read_text() != "".join(lines[: PROTOCOL["train_rows"]]):
+        data.write_text("".join(lines[: PROTOCOL["train_rows"]]))
+    calibration = work / "static-calibration.jsonl"  # abstracts the runs do not train on
+    calibration.write_text("".join(lines[PROTOCOL["train_rows"] : PROTOCOL["train_rows"] + 32]))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    evals = {
+        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), PROTOCOL["eval_tokens"]),
+        "Wikipedia": token_stream(
+            tokenizer, read_texts(ensure_wikipedia() / "articles.jsonl"), PROTOCOL["eval_tokens"]
+        ),
+    }
+    saved = work / "rows"
+    base_path = saved / "base.json"
+    if not base_path.is_file():
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        dump(
+            base_path, {"key": "base", "row": {"name": "base", "method": "base (no training)", **evaluate(base, evals)}}
+        )
+
+    for name in args.only or list(VARIANTS):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown row {name!r}: one of {', '.join(VARIANTS)}")
+        decision = None
+        if name == "two-stage":
+            decision = work / name / "static_masks.json"
+            if not decision.is_file():
+                from axolotl_atp.groups import MLP
+
+                write_static_decision(
+                    model_dir, calibration, decision, ratio=0.2, layout="per_layer", structures=(MLP,)
+                )
+        cfg = variant_config(name, model_dir, data, work, decision)
+        key = row_key(cfg, PROTOCOL)
+        path = saved / f"{name}.json"
+        if _is_current(path, key):
+            continue
+        if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
+            print(f"not starting {name}: --max-minutes {args.max_minutes} reached", flush=True)
+            continue
+        begun = time.time()
+        log, metrics = train(cfg, name)
+        if name == "dense":
+            model = merged_dense(model_dir, Path(cfg["output_dir"]))
+        else:
+            export = work / name / "export"
+            merge = ["axolotl", "atp-merge", str(work / name / f"{name}.yml"), "--output-dir", str(export)]
+            run_cli([*merge, "--overwrite", "--no-verify"], work / name / "merge.log")
+            model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, trust_remote_code=True)
+        result = {
+            "name": name,
+            "method": VARIANTS[name][0],
+            **evaluate(model, evals),
+            **training_facts(log),
+            "train_seconds": metrics.get("train_runtime"),
+            "seconds": round(time.time() - begun),
+            "machine": machine(),
+            "commit": _commit(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        print(result, flush=True)
+        dump(path, {"key": key, "row": result})
+
+    rows = {json.loads(p.read_text())["row"]["name"]: json.loads(p.read_text())["row"] for p in saved.glob("*.json")}
+    body = report(rows)
+    print(body)
+    if not args.no_record:
+        record("Demo-config variants (prune 0.2, 80 steps)", body, "python benchmarks/demo_variants.py")
+
+
+def evaluate(model, evals: dict) -> dict[str, Any]:
+    from devkit.evaluation import perplexity
+
+    return {name: perplexity(model, ids, desc=name) for name, ids in evals.items()} | {"params": model.num_parameters()}
+
+
+def report(rows: dict[str, dict]) -> str:
+    order = ["base", *VARIANTS]
+    dense, two = rows.get("dense"), rows.get("two-stage")
+    lines = [
+        "SmolLM2-135M with the demo config (`example_ymls/smollm2-135m-pubmed-cpu.yml`: prune 0.2, 80 steps of 2x256 "
+        "tokens, 40 control steps, distillation on), one change per row, one seed; perplexity of the exported model "
+        f"on {PROTOCOL['eval_tokens']:,} held-out PubMed and Wikipedia tokens. Each row's commit and date are its own.",
+        "",
+        "| row | parameters | PubMed PPL | Wikipedia PPL | PubMed / dense LoRA | PubMed / two-stage | kept at the freeze "
+        "| freeze flips | train s | commit, date |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
+        r = rows[name]
+        pruned = name not in ("base", "dense")
+        vs_dense = f"{r['PubMed'] / dense['PubMed']:.2f}" if dense and pruned else ""
+        vs_two = f"{r['PubMed'] / two['PubMed']:.2f}" if two and pruned and name != "two-stage" else ""
+        kept = f"{r['remaining_at_freeze']:.3f}" if r.get("remaining_at_freeze") is not None else ""
+        flips = f"{r['freeze_flips'] / r['groups']:.2%}" if r.get("groups") else ""
+        secs = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else ""
+        when = ", ".join(str(r[k]) for k in ("commit", "date") if r.get(k))
+        lines.append(
+            f"| {r['method']} | {r['params']:,} | {r['PubMed']:.2f} | {r['Wikipedia']:.2f} | {vs_dense} | {vs_two} "
+            f"| {kept} | {flips} | {secs} | {when} |"
+        )
+    missing = [n for n in VARIANTS if n not in rows]
+    if missing:
+        lines += ["", f"Not yet measured: {', '.join(missing)}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
