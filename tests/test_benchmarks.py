@@ -166,3 +166,17 @@ def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
     table = report(rows)
     assert "| atp | 8 | 27.00 | 35.00 | 1.80 | 0.90 | 0.812 | 1.00% |" in table
     assert "Not yet measured: kd-calibration" in table
+
+
+def test_overhead_step_times_come_from_the_progress_bar():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.training_overhead import mean_step, step_elapsed
+
+    log = (
+        " 0%|          | 0/4 [00:00<?, ?it/s] 25%|##5       | 1/4 [00:37<01:50, 37.31s/it]"
+        " 50%|#####     | 2/4 [00:51<00:28, 14.0s/it]\r 75%|#######5  | 3/4 [01:01<00:10, 10.2s/it]"
+        "100%|##########| 4/4 [1:00:11<00:00,  9.0s/it]"
+    )
+    elapsed = step_elapsed(log)
+    assert elapsed == {0: 0, 1: 37, 2: 51, 3: 61, 4: 3611}
+    assert mean_step(elapsed, 1, 3) == 12.0  # steps 2 and 3: the first step's start-up left out
