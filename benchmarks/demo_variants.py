@@ -39,7 +39,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, machine, record, run_cli, train
-from benchmarks.quality import _commit, _is_current, merged_dense, row_key, training_facts
+from benchmarks.quality import _commit, merged_dense, needs_run, row_key, training_facts
 
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
 PROTOCOL = {"steps": 80, "micro_batch_size": 2, "eval_tokens": 8192, "train_rows": 3000}
@@ -143,10 +143,7 @@ def main() -> None:
         cfg = variant_config(name, model_dir, data, work, decision)
         key = row_key(cfg, PROTOCOL)
         path = saved / f"{name}.json"
-        if _is_current(path, key):
-            continue
-        if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
-            print(f"not starting {name}: --max-minutes {args.max_minutes} reached", flush=True)
+        if not needs_run(path, key, name, started, args.max_minutes):
             continue
         begun = time.time()
         log, metrics = train(cfg, name)

@@ -271,10 +271,7 @@ def main() -> None:
         cfg = run_config(run, model_dir, data, work, protocol, decision, shared_prepared=args.jobs == 1)
         key = row_key(cfg, protocol)
         path = saved / f"{run['name']}.json"
-        if _is_current(path, key):
-            return
-        if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
-            print(f"not starting {run['name']}: --max-minutes {args.max_minutes} reached", flush=True)
+        if not needs_run(path, key, run["name"], started, args.max_minutes):
             return
         begun = time.time()
         run_dir = Path(cfg["output_dir"])
@@ -347,6 +344,17 @@ def main() -> None:
             f"{body}\n\n![quality]({plot.name})",
             f"python benchmarks/quality.py{' --quick' if args.quick else ''}",
         )
+
+
+def needs_run(path: Path, key: str, name: str, started: float, max_minutes: float | None) -> bool:
+    """Whether row `name` is trained now: its saved result is missing or of another key, and the run's
+    `--max-minutes` (counted from `started`) has not passed."""
+    if _is_current(path, key):
+        return False
+    if max_minutes is not None and time.time() - started > 60 * max_minutes:
+        print(f"not starting {name}: --max-minutes {max_minutes} reached", flush=True)
+        return False
+    return True
 
 
 def _is_current(path: Path, key: str) -> bool:
