@@ -10,6 +10,8 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 - `defaults`: the demo config as it is;
 - `two-stage`: Wanda-sp's decision over MLP channels from 32 abstracts the run does not train on, then the same
   LoRA steps on the fixed masks with the same distillation (no LoRA-aware forward, no group lasso);
+- `ablation`: ATP's generator and decision, with the LoRA steps on plain hard masks (no LoRA-aware forward)
+  and no group lasso;
 - `kd-calibration`: the generator's calibration loss is the KL to the unpruned model instead of CE;
 - `prior-budget-10`: the importance prior at scale 10, centred on each layer's budget quantile;
 - `prior-mean-10`: the importance prior at scale 10, centred on each layer's mean;
@@ -47,6 +49,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense LoRA (no pruning)", {}),
     "defaults": ("ATP, the demo config", {}),
     "two-stage": ("two-stage (Wanda-sp on MLP channels, then LoRA)", {}),
+    "ablation": ("ATP without LoRA-aware forward and group lasso", {"lora_aware": False, "group_lasso": "off"}),
     "kd-calibration": ("ATP, kd_calibration: true", {"kd_calibration": True}),
     "prior-budget-10": (
         "ATP, importance_scale 10, importance_centre budget",
