@@ -19,7 +19,8 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 - `no-kd`: no distillation;
 - `interval-2`: a generator step every second optimizer step (with the demo's calibration batch of 1, the
   setting that meets the control-phase cost target, `benchmarks/training_overhead.py`);
-- `control-20`: the masks freeze after 20 steps instead of 40, leaving 60 LoRA steps on the final decision.
+- `control-20`: the masks freeze after 20 steps instead of 40, leaving 60 LoRA steps on the final decision;
+- `kd-calibration-control-20`: both.
 
 Rows are saved under `--work` (benchmarks/work/demo-variants) keyed by their resolved config and rerun only
 when it changes, so a run stopped midway keeps its finished rows; RESULTS.md is built from the saved rows.
@@ -61,6 +62,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "no-kd": ("ATP, kd_weight: 0", {"kd_weight": 0.0}),
     "interval-2": ("ATP, generator_interval: 2", {"generator_interval": 2}),
     "control-20": ("ATP, control_steps: 20", {"control_steps": 20}),
+    "kd-calibration-control-20": (
+        "ATP, kd_calibration: true, control_steps: 20",
+        {"kd_calibration": True, "control_steps": 20},
+    ),
 }
 
 
