@@ -155,8 +155,10 @@ def prepare_resume(run_dir: Path, key: str) -> int | None:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key + "\n")
-    steps = [int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(steps) if steps else None
+    from axolotl_atp.training.checkpoint_state import checkpoint_step, checkpoints
+
+    found = checkpoints(run_dir)
+    return checkpoint_step(found[-1]) if found else None
 
 
 def row_key(cfg: dict, protocol: dict) -> str:
@@ -275,8 +277,9 @@ def main() -> None:
             return
         begun = time.time()
         run_dir = Path(cfg["output_dir"])
-        resumed_from = prepare_resume(run_dir, key) if protocol.get("checkpoint_steps") else None
+        resumed_from = None
         if protocol.get("checkpoint_steps"):
+            resumed_from = prepare_resume(run_dir, key)
             cfg = with_checkpoints(cfg, protocol["checkpoint_steps"])
         # A resumed row's log continues the earlier ones' (the freeze may have been logged by an earlier part).
         log_path = work / run["name"] / f"{run['name']}.log"

@@ -73,8 +73,6 @@ def main() -> None:
             "atp_frozen": {**atp, "control_steps": 1},
         }
         if adapter == "lora":
-            # No distillation (the frozen phase is then a plain LoRA step on hard
-            # masks), and a generator step every second optimizer step.
             for mode, extra_atp in LORA_MODES.items():
                 plans[f"atp_control_{mode}"] = {**atp, **extra_atp, "control_steps": steps - 1}
                 plans[f"atp_frozen_{mode}"] = {**atp, **extra_atp, "control_steps": 1}

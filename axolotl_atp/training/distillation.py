@@ -133,7 +133,7 @@ def distillation_sums(
             chunk_ce, chunk_kl = _chunk_terms(*args)
         ce = ce + chunk_ce
         kl = kl + chunk_kl
-    return DistillationSums(ce=ce, kl=kl, tokens=int(positions.numel()))
+    return DistillationSums(ce=ce, kl=kl, tokens=count)
 
 
 # ----- the teacher ------------------------------------------------------------------------------------
