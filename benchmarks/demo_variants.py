@@ -20,7 +20,15 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 - `interval-2`: a generator step every second optimizer step (with the demo's calibration batch of 1, the
   setting that meets the control-phase cost target, `benchmarks/training_overhead.py`);
 - `control-20`: the masks freeze after 20 steps instead of 40, leaving 60 LoRA steps on the final decision;
-- `kd-calibration-control-20`: both.
+- `kd-calibration-control-20`: both;
+- `fixed-atp-decision`: the `defaults` row's frozen decision given as a fixed decision from the first step and
+  trained as `two-stage` is (same LoRA steps and distillation): whether ATP loses to two-stage by its decision
+  or by its joint phase;
+- `mlp-only`: ATP pruning MLP channels only, the structures two-stage prunes: the generator against Wanda-sp
+  on equal terms.
+
+`--seeds 7 13` trains the named rows again with `seed: 7` and `seed: 13` (rows `NAME@7`, `NAME@13`); the
+report gives the mean and the spread of the seeds a row has.
 
 Rows are saved under `--work` (benchmarks/work/demo-variants) keyed by their resolved config and rerun only
 when it changes, so a run stopped midway keeps its finished rows; RESULTS.md is built from the saved rows.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,7 +75,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "ATP, kd_calibration: true, control_steps: 20",
         {"kd_calibration": True, "control_steps": 20},
     ),
+    "fixed-atp-decision": ("the defaults row's ATP decision, then LoRA as two-stage", {}),
+    "mlp-only": ("ATP, structures: [mlp_channels]", {"structures": ["mlp_channels"]}),
 }
+FIXED_DECISION_ROWS = ("two-stage", "fixed-atp-decision")
 
 
 def demo_config(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
@@ -84,7 +96,7 @@ def variant_config(name: str, model_dir: Path, data: Path, work: Path, decision:
     if name == "dense":
         cfg.pop("plugins")
         cfg.pop("atp")
-    elif name == "two-stage":
+    elif name in FIXED_DECISION_ROWS:
         assert decision is not None
         keep = ("structures", "mlp_round_to")
         cfg["atp"] = {k: cfg["atp"][k] for k in keep} | {
@@ -102,6 +114,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these rows (by name)")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[], help="train the rows again with these seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "demo-variants")
     args = parser.parse_args()
     started = time.time()
@@ -109,7 +122,6 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.static_importance import write_static_decision
     from devkit.assets import ensure_wikipedia
     from devkit.evaluation import read_texts, token_stream
 
@@ -141,48 +153,78 @@ def main() -> None:
     for name in args.only or list(VARIANTS):
         if name not in VARIANTS:
             raise SystemExit(f"unknown row {name!r}: one of {', '.join(VARIANTS)}")
-        decision = None
-        if name == "two-stage":
-            decision = work / name / "static_masks.json"
-            if not decision.is_file():
-                from axolotl_atp.groups import MLP
-
-                write_static_decision(
-                    model_dir, calibration, decision, ratio=0.2, layout="per_layer", structures=(MLP,)
-                )
-        cfg = variant_config(name, model_dir, data, work, decision)
-        key = row_key(cfg, PROTOCOL)
-        path = saved / f"{name}.json"
-        if not needs_run(path, key, name, started, args.max_minutes):
-            continue
-        begun = time.time()
-        log, metrics = train(cfg, name)
-        if name == "dense":
-            model = merged_dense(model_dir, Path(cfg["output_dir"]))
-        else:
-            export = work / name / "export"
-            merge = ["axolotl", "atp-merge", str(work / name / f"{name}.yml"), "--output-dir", str(export)]
-            run_cli([*merge, "--overwrite", "--no-verify"], work / name / "merge.log")
-            model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, trust_remote_code=True)
-        result = {
-            "name": name,
-            "method": VARIANTS[name][0],
-            **evaluate(model, evals),
-            **training_facts(log),
-            "train_seconds": metrics.get("train_runtime"),
-            "seconds": round(time.time() - begun),
-            "machine": machine(),
-            "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d"),
-        }
-        print(result, flush=True)
-        dump(path, {"key": key, "row": result})
+    for seed in [None, *args.seeds]:
+        for name in args.only or list(VARIANTS):
+            row = name if seed is None else f"{name}@{seed}"
+            decision = fixed_decision(name, seed, work, model_dir, calibration)
+            if name in FIXED_DECISION_ROWS and decision is None:
+                print(f"not starting {row}: the defaults row of its seed has no decision yet", flush=True)
+                continue
+            cfg = variant_config(name, model_dir, data, work, decision)
+            cfg["output_dir"] = str(work / row / "run")
+            if seed is not None:
+                cfg["seed"] = seed
+            key = row_key(cfg, PROTOCOL)
+            path = saved / f"{row}.json"
+            if needs_run(path, key, row, started, args.max_minutes):
+                train_row(row, name, cfg, key, path, model_dir, work, evals)
 
     rows = {json.loads(p.read_text())["row"]["name"]: json.loads(p.read_text())["row"] for p in saved.glob("*.json")}
     body = report(rows)
     print(body)
     if not args.no_record:
         record("Demo-config variants (prune 0.2, 80 steps)", body, "python benchmarks/demo_variants.py")
+
+
+def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, calibration: Path) -> Path | None:
+    """The fixed decision of a `FIXED_DECISION_ROWS` row: Wanda-sp's (the same for every seed), or a copy of the
+    `defaults` row's frozen masks of the same seed (None while that row has not been trained)."""
+    if name == "two-stage":
+        decision = work / name / "static_masks.json"
+        if not decision.is_file():
+            from axolotl_atp.groups import MLP
+            from benchmarks.static_importance import write_static_decision
+
+            write_static_decision(model_dir, calibration, decision, ratio=0.2, layout="per_layer", structures=(MLP,))
+        return decision
+    if name == "fixed-atp-decision":
+        source = work / ("defaults" if seed is None else f"defaults@{seed}") / "run" / "atp_masks.json"
+        decision = work / (name if seed is None else f"{name}@{seed}") / "decision.json"
+        if source.is_file():
+            decision.parent.mkdir(parents=True, exist_ok=True)
+            decision.write_text(source.read_text())
+        return decision if decision.is_file() else None
+    return None
+
+
+def train_row(row: str, name: str, cfg: dict, key: str, path: Path, model_dir: Path, work: Path, evals: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    begun = time.time()
+    log, metrics = train(cfg, row)
+    if name == "dense":
+        model = merged_dense(model_dir, Path(cfg["output_dir"]))
+    else:
+        export = work / row / "export"
+        merge = ["axolotl", "atp-merge", str(work / row / f"{row}.yml"), "--output-dir", str(export)]
+        run_cli([*merge, "--overwrite", "--no-verify"], work / row / "merge.log")
+        model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, trust_remote_code=True)
+    result = {
+        "name": row,
+        "variant": name,
+        "seed": cfg.get("seed"),
+        "method": VARIANTS[name][0],
+        **evaluate(model, evals),
+        **training_facts(log),
+        "train_seconds": metrics.get("train_runtime"),
+        "seconds": round(time.time() - begun),
+        "machine": machine(),
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(result, flush=True)
+    dump(path, {"key": key, "row": result})
 
 
 def evaluate(model, evals: dict) -> dict[str, Any]:
@@ -196,14 +238,16 @@ def report(rows: dict[str, dict]) -> str:
     dense, two = rows.get("dense"), rows.get("two-stage")
     lines = [
         "SmolLM2-135M with the demo config (`example_ymls/smollm2-135m-pubmed-cpu.yml`: prune 0.2, 80 steps of 2x256 "
-        "tokens, 40 control steps, distillation on), one change per row, one seed; perplexity of the exported model "
-        f"on {PROTOCOL['eval_tokens']:,} held-out PubMed and Wikipedia tokens. Each row's commit and date are its own.",
+        "tokens, 40 control steps, distillation on), one change per row; perplexity of the exported model "
+        f"on {PROTOCOL['eval_tokens']:,} held-out PubMed and Wikipedia tokens. Each row's commit and date are its own. "
+        "The first table is seed 42 (the demo's).",
         "",
         "| row | parameters | PubMed PPL | Wikipedia PPL | PubMed / dense LoRA | PubMed / two-stage | kept at the freeze "
         "| freeze flips | train s | commit, date |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
+    single = {name: r for name, r in rows.items() if "@" not in name}
+    for name in sorted(single, key=lambda n: order.index(n) if n in order else len(order)):
         r = rows[name]
         pruned = name not in ("base", "dense")
         vs_dense = f"{r['PubMed'] / dense['PubMed']:.2f}" if dense and pruned else ""
@@ -219,7 +263,38 @@ def report(rows: dict[str, dict]) -> str:
     missing = [n for n in VARIANTS if n not in rows]
     if missing:
         lines += ["", f"Not yet measured: {', '.join(missing)}."]
-    return "\n".join(lines)
+    return "\n".join(lines + seed_table(rows))
+
+
+def seed_table(rows: dict[str, dict]) -> list[str]:
+    """Mean and range over the seeds of every variant trained with more than one seed (the plain row is seed 42)."""
+    by_variant: dict[str, list[dict]] = {}
+    for name, r in rows.items():
+        by_variant.setdefault(r.get("variant", name.split("@")[0]), []).append(r)
+    seeded = {v: rs for v, rs in by_variant.items() if len(rs) > 1}
+    if not seeded:
+        return []
+
+    def spread(rs: list[dict], key: str) -> str:
+        values = [r[key] for r in rs]
+        return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    two = seeded.get("two-stage")
+    lines = [
+        "",
+        "Over seeds (mean, and the range in brackets):",
+        "",
+        "| row | seeds | PubMed PPL | Wikipedia PPL | PubMed / two-stage (means) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in sorted(seeded, key=lambda v: list(VARIANTS).index(v) if v in VARIANTS else len(VARIANTS)):
+        rs = sorted(seeded[variant], key=lambda r: r.get("seed") or 42)
+        seeds = ", ".join(str(r.get("seed") or 42) for r in rs)
+        vs_two = ""
+        if two and variant != "two-stage":
+            vs_two = f"{statistics.mean(r['PubMed'] for r in rs) / statistics.mean(r['PubMed'] for r in two):.2f}"
+        lines.append(f"| {rs[0]['method']} | {seeds} | {spread(rs, 'PubMed')} | {spread(rs, 'Wikipedia')} | {vs_two} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
     demo = demo_config(model, data, tmp_path / "demo")
     assert demo["base_model"] == str(model) and demo["datasets"][0]["path"] == str(data)
     for name, (_, change) in VARIANTS.items():
-        if name == "two-stage":
-            continue  # its block names a decision file (built from the real model)
+        if name in ("two-stage", "fixed-atp-decision"):
+            continue  # their blocks name a decision file (built from the real model or another row)
         cfg = variant_config(name, model, data, tmp_path, decision=None)
         assert cfg["output_dir"] == str(tmp_path / name / "run")
         if name == "dense":
@@ -167,6 +167,15 @@ def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
     assert "| atp | 8 | 27.00 | 35.00 | 1.80 | 0.90 | 0.812 | 1.00% |" in table
     missing = next(line for line in table.splitlines() if line.startswith("Not yet measured:"))
     assert "kd-calibration" in missing and "two-stage" not in missing
+    assert "Over seeds" not in table  # one seed per row so far
+    seeded = {
+        "defaults@7": {**rows["defaults"], "name": "defaults@7", "variant": "defaults", "seed": 7, "PubMed": 29.0},
+        "two-stage@7": {**rows["two-stage"], "name": "two-stage@7", "variant": "two-stage", "seed": 7, "PubMed": 26.0},
+    }
+    table = report(rows | seeded)
+    assert "| atp | 8 | 27.00 |" in table and "| atp | 8 | 29.00 |" not in table  # the first table is seed 42
+    assert "| atp | 7, 42 | 28.00 (27.00-29.00) | 35.00 (35.00-35.00) | 1.00 |" in table
+    assert "| two | 7, 42 | 28.00 (26.00-30.00) | 40.00 (40.00-40.00) |  |" in table
 
 
 def test_overhead_step_times_come_from_the_progress_bar():
