@@ -144,10 +144,12 @@ class ATPConfig(BaseModel):
         description="Labelled tokens per chunk of the distillation loss: the teacher's and the student's logits "
         "exist for one chunk at a time (a 128k vocabulary at 1024 tokens: 0.5 GB each in fp32).",
     )
-    kd_calibration: bool = Field(
-        default=False,
+    kd_calibration: bool | None = Field(
+        default=None,
         description="Train the generator on KL(teacher || masked model) on the calibration batch instead of its "
-        "cross-entropy (the damage a decision does, measured against the unpruned model).",
+        "cross-entropy (the damage a decision does, measured against the unpruned model; one more teacher forward "
+        "per generator step). Default: on whenever distillation is on (`kd_weight` above 0) and a generator is "
+        "trained (no `decision_file`).",
     )
     group_lasso: Literal["prox", "loss", "off"] = Field(
         default="prox",
@@ -267,6 +269,12 @@ class ATPConfig(BaseModel):
                 "atp.kd_calibration = true needs a teacher, but atp.kd_weight = 0 turns distillation off. Fix: set "
                 "atp.kd_weight above 0, or remove atp.kd_calibration."
             )
+        return self
+
+    @model_validator(mode="after")
+    def resolve_kd_calibration(self) -> ATPConfig:
+        if self.kd_calibration is None:  # a fixed `decision_file` trains no generator: nothing to calibrate
+            self.kd_calibration = self.kd_weight > 0 and self.decision_file is None
         return self
 
     @model_validator(mode="after")

@@ -10,22 +10,24 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 - `defaults`: the demo config as it is;
 - `two-stage`: Wanda-sp's decision over MLP channels from 32 abstracts the run does not train on, then the same
   LoRA steps on the fixed masks with the same distillation (no LoRA-aware forward, no group lasso);
+- `ce-calibration`: the generator's calibration loss is the CE on the labels instead of the KL to the unpruned
+  model (`kd_calibration: false`, the default until 2026-11-30);
 - `ablation`: ATP's generator and decision, with the LoRA steps on plain hard masks (no LoRA-aware forward)
-  and no group lasso;
-- `kd-calibration`: the generator's calibration loss is the KL to the unpruned model instead of CE;
+  and no group lasso (measured with CE calibration);
 - `prior-budget-10`: the importance prior at scale 10, centred on each layer's budget quantile;
-- `prior-mean-10`: the importance prior at scale 10, centred on each layer's mean;
+- `prior-mean-10`: the importance prior at scale 10, centred on each layer's mean (MLP channels start, and
+  stay near, Wanda-sp's ranking; the generator's KL signal chooses the heads);
 - `random-start`: the generator started at random (the paper);
 - `no-kd`: no distillation;
 - `interval-2`: a generator step every second optimizer step (with the demo's calibration batch of 1, the
   setting that meets the control-phase cost target, `benchmarks/training_overhead.py`);
-- `control-20`: the masks freeze after 20 steps instead of 40, leaving 60 LoRA steps on the final decision;
-- `kd-calibration-control-20`: both;
-- `fixed-atp-decision`: the `defaults` row's frozen decision given as a fixed decision from the first step and
-  trained as `two-stage` is (same LoRA steps and distillation): whether ATP loses to two-stage by its decision
-  or by its joint phase;
+- `control-20`: the masks freeze after 20 steps instead of 40, leaving 60 LoRA steps on the final decision
+  (measured with CE calibration);
+- `fixed-atp-decision`: the `ce-calibration` row's frozen decision given as a fixed decision from the first
+  step and trained as `two-stage` is (same LoRA steps and distillation): whether ATP loses to two-stage by its
+  decision or by its joint phase;
 - `mlp-only`: ATP pruning MLP channels only, the structures two-stage prunes: the generator against Wanda-sp
-  on equal terms.
+  on equal terms (measured with CE calibration).
 
 `--seeds 7 13` trains the named rows again with `seed: 7` and `seed: 13` (rows `NAME@7`, `NAME@13`); the
 report gives the mean and the spread of the seeds a row has.
@@ -60,8 +62,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense LoRA (no pruning)", {}),
     "defaults": ("ATP, the demo config", {}),
     "two-stage": ("two-stage (Wanda-sp on MLP channels, then LoRA)", {}),
-    "ablation": ("ATP without LoRA-aware forward and group lasso", {"lora_aware": False, "group_lasso": "off"}),
-    "kd-calibration": ("ATP, kd_calibration: true", {"kd_calibration": True}),
+    "ce-calibration": ("ATP, kd_calibration: false (CE calibration)", {"kd_calibration": False}),
+    "ablation": (
+        "ATP without LoRA-aware forward and group lasso, CE calibration",
+        {"lora_aware": False, "group_lasso": "off", "kd_calibration": False},
+    ),
     "prior-budget-10": (
         "ATP, importance_scale 10, importance_centre budget",
         {"importance_scale": 10.0, "importance_centre": "budget"},
@@ -70,13 +75,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-start": ("ATP, generator_init: random", {"generator_init": "random"}),
     "no-kd": ("ATP, kd_weight: 0", {"kd_weight": 0.0}),
     "interval-2": ("ATP, generator_interval: 2", {"generator_interval": 2}),
-    "control-20": ("ATP, control_steps: 20", {"control_steps": 20}),
-    "kd-calibration-control-20": (
-        "ATP, kd_calibration: true, control_steps: 20",
-        {"kd_calibration": True, "control_steps": 20},
+    "control-20": ("ATP, control_steps: 20, CE calibration", {"control_steps": 20, "kd_calibration": False}),
+    "fixed-atp-decision": ("the ce-calibration row's ATP decision, then LoRA as two-stage", {}),
+    "mlp-only": (
+        "ATP, structures: [mlp_channels], CE calibration",
+        {"structures": ["mlp_channels"], "kd_calibration": False},
     ),
-    "fixed-atp-decision": ("the defaults row's ATP decision, then LoRA as two-stage", {}),
-    "mlp-only": ("ATP, structures: [mlp_channels]", {"structures": ["mlp_channels"]}),
 }
 FIXED_DECISION_ROWS = ("two-stage", "fixed-atp-decision")
 
@@ -158,7 +162,7 @@ def main() -> None:
             row = name if seed is None else f"{name}@{seed}"
             decision = fixed_decision(name, seed, work, model_dir, calibration)
             if name in FIXED_DECISION_ROWS and decision is None:
-                print(f"not starting {row}: the defaults row of its seed has no decision yet", flush=True)
+                print(f"not starting {row}: the ce-calibration row of its seed has no decision yet", flush=True)
                 continue
             cfg = variant_config(name, model_dir, data, work, decision)
             cfg["output_dir"] = str(work / row / "run")
@@ -178,7 +182,7 @@ def main() -> None:
 
 def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, calibration: Path) -> Path | None:
     """The fixed decision of a `FIXED_DECISION_ROWS` row: Wanda-sp's (the same for every seed), or a copy of the
-    `defaults` row's frozen masks of the same seed (None while that row has not been trained)."""
+    `ce-calibration` row's frozen masks of the same seed (None while that row has not been trained)."""
     if name == "two-stage":
         decision = work / name / "static_masks.json"
         if not decision.is_file():
@@ -188,7 +192,7 @@ def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, cal
             write_static_decision(model_dir, calibration, decision, ratio=0.2, layout="per_layer", structures=(MLP,))
         return decision
     if name == "fixed-atp-decision":
-        source = work / ("defaults" if seed is None else f"defaults@{seed}") / "run" / "atp_masks.json"
+        source = work / ("ce-calibration" if seed is None else f"ce-calibration@{seed}") / "run" / "atp_masks.json"
         decision = work / (name if seed is None else f"{name}@{seed}") / "decision.json"
         if source.is_file():
             decision.parent.mkdir(parents=True, exist_ok=True)

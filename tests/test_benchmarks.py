@@ -166,7 +166,7 @@ def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
     table = report(rows)
     assert "| atp | 8 | 27.00 | 35.00 | 1.80 | 0.90 | 0.812 | 1.00% |" in table
     missing = next(line for line in table.splitlines() if line.startswith("Not yet measured:"))
-    assert "kd-calibration" in missing and "two-stage" not in missing
+    assert "ce-calibration" in missing and "two-stage" not in missing
     assert "Over seeds" not in table  # one seed per row so far
     seeded = {
         "defaults@7": {**rows["defaults"], "name": "defaults@7", "variant": "defaults", "seed": 7, "PubMed": 29.0},

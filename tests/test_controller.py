@@ -97,6 +97,7 @@ def test_decision_file_fixes_the_decision_from_step_zero(tmp_path):
     path, decision = _masks_file(tmp_path, peft_model, "uniform", 0.35)
     cfg = ATPConfig(decision_file=str(path), lora_aware=False, group_lasso="off")
     assert (cfg.layout, cfg.prune_ratio) == ("uniform", 0.35)  # adopted from the file
+    assert cfg.kd_calibration is False  # no generator to calibrate
     ctl = ATPController(peft_model, cfg, total_steps=6, peak_lr=1e-3, seed=0)
     before = copy.deepcopy(ctl.generator.state_dict())
 

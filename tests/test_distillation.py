@@ -263,5 +263,9 @@ def test_kd_options_are_validated(tmp_path):
         ATPConfig(kd_weight=0.0, ce_weight=0.5)
     with pytest.raises(ValueError, match="kd_calibration"):
         ATPConfig(kd_weight=0.0, kd_calibration=True)
+    # Unset, it follows distillation: on with a teacher, off without one.
+    assert ATPConfig().kd_calibration is True
+    assert ATPConfig(kd_weight=0.0).kd_calibration is False
+    assert ATPConfig(kd_calibration=False).kd_calibration is False
     with pytest.raises(ValueError, match="never learn from the labels"):
         ATPConfig(kd_teacher="self", ce_weight=0.0)
