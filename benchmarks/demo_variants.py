@@ -27,7 +27,9 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
   step and trained as `two-stage` is (same LoRA steps and distillation): whether ATP loses to two-stage by its
   decision or by its joint phase;
 - `mlp-only`: ATP pruning MLP channels only, the structures two-stage prunes: the generator against Wanda-sp
-  on equal terms (measured with CE calibration).
+  on equal terms (measured with CE calibration);
+- `fixed-prior-10-decision`: the same for the `prior-mean-10` row's decision (no KV head pruned, 85% of
+  Wanda-sp's MLP channels, other per-layer widths).
 
 `--seeds 7 13` trains the named rows again with `seed: 7` and `seed: 13` (rows `NAME@7`, `NAME@13`); the
 report gives the mean and the spread of the seeds a row has.
@@ -77,12 +79,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "interval-2": ("ATP, generator_interval: 2", {"generator_interval": 2}),
     "control-20": ("ATP, control_steps: 20, CE calibration", {"control_steps": 20, "kd_calibration": False}),
     "fixed-atp-decision": ("the ce-calibration row's ATP decision, then LoRA as two-stage", {}),
+    "fixed-prior-10-decision": ("the prior-mean-10 row's ATP decision, then LoRA as two-stage", {}),
     "mlp-only": (
         "ATP, structures: [mlp_channels], CE calibration",
         {"structures": ["mlp_channels"], "kd_calibration": False},
     ),
 }
-FIXED_DECISION_ROWS = ("two-stage", "fixed-atp-decision")
+# The rows trained on another row's frozen decision, and that row.
+DECISION_SOURCES = {"fixed-atp-decision": "ce-calibration", "fixed-prior-10-decision": "prior-mean-10"}
+FIXED_DECISION_ROWS = ("two-stage", *DECISION_SOURCES)
 
 
 def demo_config(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
@@ -162,7 +167,7 @@ def main() -> None:
             row = name if seed is None else f"{name}@{seed}"
             decision = fixed_decision(name, seed, work, model_dir, calibration)
             if name in FIXED_DECISION_ROWS and decision is None:
-                print(f"not starting {row}: the ce-calibration row of its seed has no decision yet", flush=True)
+                print(f"not starting {row}: its source row of the same seed has no decision yet", flush=True)
                 continue
             cfg = variant_config(name, model_dir, data, work, decision)
             cfg["output_dir"] = str(work / row / "run")
@@ -182,7 +187,7 @@ def main() -> None:
 
 def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, calibration: Path) -> Path | None:
     """The fixed decision of a `FIXED_DECISION_ROWS` row: Wanda-sp's (the same for every seed), or a copy of the
-    `ce-calibration` row's frozen masks of the same seed (None while that row has not been trained)."""
+    frozen masks of its `DECISION_SOURCES` row of the same seed (None while that row has not been trained)."""
     if name == "two-stage":
         decision = work / name / "static_masks.json"
         if not decision.is_file():
@@ -191,8 +196,9 @@ def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, cal
 
             write_static_decision(model_dir, calibration, decision, ratio=0.2, layout="per_layer", structures=(MLP,))
         return decision
-    if name == "fixed-atp-decision":
-        source = work / ("ce-calibration" if seed is None else f"ce-calibration@{seed}") / "run" / "atp_masks.json"
+    if name in DECISION_SOURCES:
+        source_row = DECISION_SOURCES[name] if seed is None else f"{DECISION_SOURCES[name]}@{seed}"
+        source = work / source_row / "run" / "atp_masks.json"
         decision = work / (name if seed is None else f"{name}@{seed}") / "decision.json"
         if source.is_file():
             decision.parent.mkdir(parents=True, exist_ok=True)

@@ -132,13 +132,13 @@ def test_quality_row_resumes_only_its_own_checkpoints(tmp_path):
 def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
     sys.path.insert(0, str(ROOT))
     from axolotl_atp.args import ATPConfig
-    from benchmarks.demo_variants import VARIANTS, demo_config, report, variant_config
+    from benchmarks.demo_variants import FIXED_DECISION_ROWS, VARIANTS, demo_config, report, variant_config
 
     model, data = tmp_path / "model", tmp_path / "train.jsonl"
     demo = demo_config(model, data, tmp_path / "demo")
     assert demo["base_model"] == str(model) and demo["datasets"][0]["path"] == str(data)
     for name, (_, change) in VARIANTS.items():
-        if name in ("two-stage", "fixed-atp-decision"):
+        if name in FIXED_DECISION_ROWS:
             continue  # their blocks name a decision file (built from the real model or another row)
         cfg = variant_config(name, model, data, tmp_path, decision=None)
         assert cfg["output_dir"] == str(tmp_path / name / "run")
