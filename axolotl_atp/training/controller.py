@@ -176,7 +176,8 @@ class ATPController:
         self.masked.set_masks(self.hard_masks, self.lora_step_mode)
 
     def generator_step(self, calibration_loss: Callable[[], torch.Tensor], step: int) -> None:
-        """One generator update: CE on a calibration batch with soft masks + budget loss; LoRA frozen."""
+        """One generator update: the calibration loss (KL to the teacher, or CE) with soft masks + budget loss;
+        LoRA frozen."""
         self.generator.train()
         logits = self.generator()
         soft, hard = {}, {}
