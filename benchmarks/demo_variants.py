@@ -164,7 +164,7 @@ def main() -> None:
             raise SystemExit(f"unknown row {name!r}: one of {', '.join(VARIANTS)}")
     for seed in [None, *args.seeds]:
         for name in args.only or list(VARIANTS):
-            row = name if seed is None else f"{name}@{seed}"
+            row = row_name(name, seed)
             decision = fixed_decision(name, seed, work, model_dir, calibration)
             if name in FIXED_DECISION_ROWS and decision is None:
                 print(f"not starting {row}: its source row of the same seed has no decision yet", flush=True)
@@ -185,6 +185,11 @@ def main() -> None:
         record("Demo-config variants (prune 0.2, 80 steps)", body, "python benchmarks/demo_variants.py")
 
 
+def row_name(variant: str, seed: int | None) -> str:
+    """The saved row of `variant` at `seed`: the plain name for the demo's seed, `NAME@SEED` for `--seeds`."""
+    return variant if seed is None else f"{variant}@{seed}"
+
+
 def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, calibration: Path) -> Path | None:
     """The fixed decision of a `FIXED_DECISION_ROWS` row: Wanda-sp's (the same for every seed), or a copy of the
     frozen masks of its `DECISION_SOURCES` row of the same seed (None while that row has not been trained)."""
@@ -197,9 +202,8 @@ def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, cal
             write_static_decision(model_dir, calibration, decision, ratio=0.2, layout="per_layer", structures=(MLP,))
         return decision
     if name in DECISION_SOURCES:
-        source_row = DECISION_SOURCES[name] if seed is None else f"{DECISION_SOURCES[name]}@{seed}"
-        source = work / source_row / "run" / "atp_masks.json"
-        decision = work / (name if seed is None else f"{name}@{seed}") / "decision.json"
+        source = work / row_name(DECISION_SOURCES[name], seed) / "run" / "atp_masks.json"
+        decision = work / row_name(name, seed) / "decision.json"
         if source.is_file():
             decision.parent.mkdir(parents=True, exist_ok=True)
             decision.write_text(source.read_text())
