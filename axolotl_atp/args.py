@@ -77,11 +77,13 @@ class ATPConfig(BaseModel):
         gt=0.0,
         description="Logits added per standard deviation of importance within a layer (`generator_init: importance`).",
     )
-    importance_centre: Literal["mean", "budget"] = Field(
+    importance_centre: Literal["mean", "budget", "global"] = Field(
         default="mean",
-        description="Where the prior is zero in each layer: at the layer's mean importance (`mean`), or at the "
+        description="Where the prior is zero in each layer: at the layer's mean importance (`mean`), at the "
         "quantile the budget would remove if the prior's structures carried it alone (`budget`: with the offset "
-        "at 0 the first decision is then the static one at the final budget, whatever the scale).",
+        "at 0 the first decision is then the static one at the final budget, whatever the scale, with the same "
+        "fraction removed in every layer), or at that quantile of all layers' scores together (`global`: with the "
+        "offset at 0 the first decision is the static Wanda-sp one, two-stage's, its per-layer widths included).",
     )
     generator_lr: float = Field(default=1e-2, gt=0.0, description="Learning rate of the generator's AdamW.")
     generator_weight_decay: float = Field(default=0.0, ge=0.0, description="Weight decay of the generator.")

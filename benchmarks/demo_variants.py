@@ -17,6 +17,11 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 - `prior-budget-10`: the importance prior at scale 10, centred on each layer's budget quantile;
 - `prior-mean-10`: the importance prior at scale 10, centred on each layer's mean (MLP channels start, and
   stay near, Wanda-sp's ranking; the generator's KL signal chooses the heads);
+- `prior-global`: the importance prior centred on the budget quantile of all layers' scores together, so that
+  the static decision it leans towards is two-stage's, per-layer widths included;
+- `prior-global-lr3e-3`: the same with `generator_lr: 0.003` (AdamW moves every logit near the threshold by about
+  the learning rate times the generator's width a step whatever its gradient's size, so a noisy calibration
+  gradient walks the decision away from the prior's ranking; a smaller step walks less);
 - `random-start`: the generator started at random (the paper);
 - `no-kd`: no distillation;
 - `interval-2`: a generator step every second optimizer step (with the demo's calibration batch of 1, the
@@ -74,6 +79,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"importance_scale": 10.0, "importance_centre": "budget"},
     ),
     "prior-mean-10": ("ATP, importance_scale 10 (mean centre)", {"importance_scale": 10.0}),
+    "prior-global": ("ATP, importance_centre global", {"importance_centre": "global"}),
+    "prior-global-lr3e-3": (
+        "ATP, importance_centre global, generator_lr 0.003",
+        {"importance_centre": "global", "generator_lr": 0.003},
+    ),
     "random-start": ("ATP, generator_init: random", {"generator_init": "random"}),
     "no-kd": ("ATP, kd_weight: 0", {"kd_weight": 0.0}),
     "interval-2": ("ATP, generator_interval: 2", {"generator_interval": 2}),

@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from axolotl_atp.args import ATPConfig
+from axolotl_atp.decision import freeze_decision
 from axolotl_atp.groups import HEADS, MLP
 from axolotl_atp.training.controller import ATPController
 from axolotl_atp.training.importance import wanda_sp_scores
@@ -126,3 +127,39 @@ def test_a_prior_centred_on_the_budget_quantile_removes_the_budget_at_offset_zer
     )
     ctl.set_importance_prior(scores)
     torch.testing.assert_close(ctl.generator.prior()[MLP], 2.0 * scores[MLP])
+
+
+def test_a_prior_centred_on_the_global_budget_quantile_leans_towards_the_static_decision():
+    """`importance_centre: global`: one zero for all layers, so the prior keeps Wanda-sp's ranking across layers. With
+    the generator's own logits at zero and the offset at 0, the freeze gives the static decision (two-stage's, its
+    per-layer widths included), and the groups below zero are the ones it removes."""
+    model = tiny("llama", seed=5, num_hidden_layers=3)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.0))
+    spec, geo = geometry(model)
+    scores = wanda_sp_scores(peft_model, spec, geo, batches(), [MLP])
+    cfg = ATPConfig(
+        prune_ratio=0.2, structures=["mlp_channels"], importance_scale=7.0, importance_centre="global", offset=0.0
+    )
+    ctl = ATPController(peft_model, cfg, total_steps=10, peak_lr=1e-3, seed=0)
+    with torch.no_grad():
+        for weight in ctl.generator.heads.values():
+            weight.zero_()
+    ctl.set_importance_prior(scores)
+    prior = ctl.generator.prior()[MLP]
+    # One centre: the prior is the scores less a constant, times the scale.
+    torch.testing.assert_close(prior - 7.0 * scores[MLP], (prior - 7.0 * scores[MLP])[0, 0].expand_as(prior))
+    static = freeze_decision(
+        scores,
+        geo,
+        ctl.counter,
+        0.2,
+        "per_layer",
+        round_to={MLP: cfg.mlp_round_to},
+        minimum={MLP: cfg.min_mlp_channels_per_layer},
+    )
+    prior_decision = ctl.freeze()
+    assert prior_decision.kept[MLP] == static.kept[MLP]
+    removed = sum(geo.num_groups(MLP) - len(k) for k in static.kept[MLP])
+    assert abs(int((prior < 0).sum()) - removed) <= 1
+    # The widths differ across layers: a per-layer centre (`budget`) would remove the same count from each.
+    assert len({len(k) for k in static.kept[MLP]}) > 1

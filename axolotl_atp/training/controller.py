@@ -118,11 +118,17 @@ class ATPController:
         return min(1.0, self.cfg.prune_ratio * self.counter.prunable_total / max(1, cost))
 
     def importance_centres(self, importance: Masks) -> Masks:
-        """Per structure, each layer's zero of the prior ([layers, 1]): 0 (the standardised mean) or the layer's
-        budget quantile."""
-        if self.cfg.importance_centre == "mean":
+        """Per structure, each layer's zero of the prior ([layers, 1]): 0 (the standardised mean), the layer's
+        budget quantile (`budget`), or the budget quantile of all layers' scores together (`global`: the groups
+        below zero are those the static decision removes, the two-stage baseline's, per-layer widths included)."""
+        centre = self.cfg.importance_centre
+        if centre == "mean":
             return {s: torch.zeros(z.shape[0], 1) for s, z in importance.items()}
         q = self.budget_quantile(list(importance))
+        if centre == "global":
+            return {
+                s: torch.quantile(z.float().cpu().flatten(), q).expand(z.shape[0], 1) for s, z in importance.items()
+            }
         return {s: torch.quantile(z.float().cpu(), q, dim=1, keepdim=True) for s, z in importance.items()}
 
     def _use_decision_file(self, path: Path) -> None:
