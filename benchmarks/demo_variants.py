@@ -135,6 +135,12 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     parser.add_argument("--seeds", nargs="*", type=int, default=[], help="train the rows again with these seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "demo-variants")
+    parser.add_argument(
+        "--section",
+        default="Demo-config variants (prune 0.2, 80 steps)",
+        help="the RESULTS.md section the report replaces (another name keeps the rows of a --work folder that is "
+        "no longer on this machine)",
+    )
     args = parser.parse_args()
     started = time.time()
 
@@ -188,11 +194,12 @@ def main() -> None:
             if needs_run(path, key, row, started, args.max_minutes):
                 train_row(row, name, cfg, key, path, model_dir, work, evals)
 
-    rows = {json.loads(p.read_text())["row"]["name"]: json.loads(p.read_text())["row"] for p in saved.glob("*.json")}
-    body = report(rows)
+    saved_rows = [json.loads(p.read_text())["row"] for p in saved.glob("*.json")]
+    rows = {row["name"]: row for row in saved_rows}
+    body = report(rows, expected=args.only or list(VARIANTS))
     print(body)
     if not args.no_record:
-        record("Demo-config variants (prune 0.2, 80 steps)", body, "python benchmarks/demo_variants.py")
+        record(args.section, body, "python benchmarks/demo_variants.py" + "".join(f" {a}" for a in sys.argv[1:]))
 
 
 def row_name(variant: str, seed: int | None) -> str:
@@ -257,7 +264,8 @@ def evaluate(model, evals: dict) -> dict[str, Any]:
     return {name: perplexity(model, ids, desc=name) for name, ids in evals.items()} | {"params": model.num_parameters()}
 
 
-def report(rows: dict[str, dict]) -> str:
+def report(rows: dict[str, dict], expected: list[str] | None = None) -> str:
+    """The tables of the saved `rows`; the `expected` rows (default: every variant) that are missing are listed."""
     order = ["base", *VARIANTS]
     dense, two = rows.get("dense"), rows.get("two-stage")
     lines = [
@@ -284,7 +292,7 @@ def report(rows: dict[str, dict]) -> str:
             f"| {r['method']} | {r['params']:,} | {r['PubMed']:.2f} | {r['Wikipedia']:.2f} | {vs_dense} | {vs_two} "
             f"| {kept} | {flips} | {secs} | {when} |"
         )
-    missing = [n for n in VARIANTS if n not in rows]
+    missing = [n for n in (expected or VARIANTS) if n not in rows]
     if missing:
         lines += ["", f"Not yet measured: {', '.join(missing)}."]
     return "\n".join(lines + seed_table(rows))
