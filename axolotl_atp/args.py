@@ -117,6 +117,12 @@ class ATPConfig(BaseModel):
         le=1.0,
         description="Fraction of the control phase over which the target ramps; the rest holds the final target.",
     )
+    control_masks: Literal["sample", "decision"] = Field(
+        default="sample",
+        description="The hard masks the LoRA steps of the control phase train with: `sample` (the generator step's "
+        "Gumbel sample, as in the paper) or `decision` (the generator's noise-free decision after its update: the "
+        "noise explores for the generator only, and the LoRA trains on masks that change only as the decision does).",
+    )
     anneal_noise: bool = Field(
         default=True,
         description="Decay the Gumbel noise to 0 over the control steps after the ramp, so that the generator's "

@@ -22,6 +22,9 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 - `prior-global-lr3e-3`: the same with `generator_lr: 0.003` (AdamW moves every logit near the threshold by about
   the learning rate times the generator's width a step whatever its gradient's size, so a noisy calibration
   gradient walks the decision away from the prior's ranking; a smaller step walks less);
+- `decision-masks`: the LoRA steps of the control phase train with the generator's noise-free decision instead of
+  its Gumbel sample (`control_masks: decision`; with the sample, 15-17% of the group decisions flip between
+  consecutive steps of the demo's ramp);
 - `random-start`: the generator started at random (the paper);
 - `no-kd`: no distillation;
 - `interval-2`: a generator step every second optimizer step (with the demo's calibration batch of 1, the
@@ -84,6 +87,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "ATP, importance_centre global, generator_lr 0.003",
         {"importance_centre": "global", "generator_lr": 0.003},
     ),
+    "decision-masks": ("ATP, control_masks: decision", {"control_masks": "decision"}),
     "random-start": ("ATP, generator_init: random", {"generator_init": "random"}),
     "no-kd": ("ATP, kd_weight: 0", {"kd_weight": 0.0}),
     "interval-2": ("ATP, generator_interval: 2", {"generator_interval": 2}),

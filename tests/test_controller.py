@@ -145,3 +145,27 @@ def test_budget_gap_at_freeze_is_measured():
     ctl.begin_step(1, calibration_loss)  # the freeze, after a single generator step from a dense start
     assert ctl.frozen and ctl.budget_gap_at_freeze == pytest.approx(ctl.last_remaining_ratio - 0.5)
     assert ctl.budget_gap_at_freeze > 0.3
+
+
+@pytest.mark.parametrize("control_masks", ["sample", "decision"])
+def test_control_masks_are_the_sample_or_the_noise_free_decision(control_masks):
+    """`control_masks`: the LoRA steps of the control phase train with the generator step's Gumbel sample, or with
+    the generator's own noise-free decision after its update (the masks a freeze at that point would rank first)."""
+    peft_model = lora_model("llama")
+    cfg = ATPConfig(prune_ratio=0.5, control_steps=6, control_masks=control_masks, offset=0.0)
+    ctl = ATPController(peft_model, cfg, total_steps=12, peak_lr=1e-3, seed=0)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def calibration_loss():
+        return peft_model(input_ids=ids, labels=ids).loss
+
+    differs_from_decision = False
+    for step in range(4):
+        ctl.begin_step(step, calibration_loss)
+        decision = {s: (score >= 0).float() for s, score in ctl.scores().items()}
+        same = all(torch.equal(ctl.hard_masks[s], decision[s]) for s in decision)
+        if control_masks == "decision":
+            assert same, step
+        differs_from_decision |= not same
+    # At offset 0 half the groups sit at the threshold: the noisy sample is not the decision.
+    assert differs_from_decision == (control_masks == "sample")

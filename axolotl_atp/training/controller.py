@@ -210,7 +210,7 @@ class ATPController:
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.generator_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        new_hard = {s: (m.detach() >= 0.5).float() for s, m in hard.items()}
+        new_hard = self.lora_masks_after_generator_step(hard)
         when = f"after the generator step at optimizer step {step}"
         distributed.check_same(list(self.generator.parameters()), "pruning-decision generator's parameters", when)
         distributed.check_same([new_hard[s] for s in self.structures], "hard masks", when)
@@ -228,6 +228,13 @@ class ATPController:
                 "atp/mask_flips": float(flips),
             }
         )
+
+    def lora_masks_after_generator_step(self, sampled: Masks) -> Masks:
+        """The hard masks the next LoRA steps train with (`control_masks`): the generator step's sample, or the
+        generator's noise-free decision after its update."""
+        if self.cfg.control_masks == "decision":
+            return {s: (score >= 0).float() for s, score in self.scores().items()}
+        return {s: (m.detach() >= 0.5).float() for s, m in sampled.items()}
 
     @torch.no_grad()
     def scores(self) -> Masks:
