@@ -42,8 +42,10 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 `--seeds 7 13` trains the named rows again with `seed: 7` and `seed: 13` (rows `NAME@7`, `NAME@13`); the
 report gives the mean and the spread of the seeds a row has.
 
-Rows are saved under `--work` (benchmarks/work/demo-variants) keyed by their resolved config and rerun only
-when it changes, so a run stopped midway keeps its finished rows; RESULTS.md is built from the saved rows.
+Each row's result (its figures, a small JSON file) is saved under `--rows` (benchmarks/rows/demo-variants,
+committed: a session's machine is fresh, and the checkpoints and exports under `--work`, benchmarks/work/demo-variants,
+do not reach the next session) keyed by its resolved config and rerun only when it changes, so a run stopped
+midway keeps its finished rows; RESULTS.md is built from the saved rows.
 One seed per row: differences of a few percent are within what a seed changes.
 
     python benchmarks/demo_variants.py [--only NAME ...] [--max-minutes M] [--no-record]
@@ -140,6 +142,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[], help="train the rows again with these seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "demo-variants")
     parser.add_argument(
+        "--rows",
+        type=Path,
+        default=ROOT / "benchmarks" / "rows" / "demo-variants",
+        help="where each row's result is saved (committed, so that the next session's fresh machine keeps it)",
+    )
+    parser.add_argument(
         "--section",
         default="Demo-config variants (prune 0.2, 80 steps)",
         help="the RESULTS.md section the report replaces (another name keeps the rows of a --work folder that is "
@@ -171,7 +179,7 @@ def main() -> None:
             tokenizer, read_texts(ensure_wikipedia() / "articles.jsonl"), PROTOCOL["eval_tokens"]
         ),
     }
-    saved = work / "rows"
+    saved: Path = args.rows
     base_path = saved / "base.json"
     if not base_path.is_file():
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -15,8 +15,10 @@ Rows (the long protocol: 200 optimizer steps of 4x256 tokens, 204,800 training t
 - the ablation at 0.3 (no LoRA-aware forward, no group lasso), and ATP with `layout: uniform` at 0.3;
 - three seeds of ATP and of the ablation at 0.3.
 
-The run is resumable: each row's result is saved under `--work` (benchmarks/work/quality-long by default)
-with a key made of its resolved training config; a row is run again only when it is missing or its key
+The run is resumable: each row's result (its figures, a small JSON file) is saved under `--rows`
+(benchmarks/rows/quality-long by default, which is committed: a session's machine is fresh, and its
+benchmarks/work folder, with the checkpoints and exports, does not reach the next session) with a key made of
+its resolved training config; a row is run again only when it is missing or its key
 changed (a new default changes the key). RESULTS.md is built from the saved rows, with the date and commit;
 rows not yet measured are listed as such. Within a row, the long protocol checkpoints every 10 optimizer
 steps, and a row stopped midway resumes from its newest complete checkpoint (axolotl's
@@ -25,7 +27,8 @@ steps, and a row stopped midway resumes from its newest complete checkpoint (axo
 Rows are independent: `--jobs N` trains N at once (each in its own `axolotl train` process, with its own
 prepared dataset), for a machine with the cores or a GPU to spare; every row records the machine it ran on.
 
-    python benchmarks/quality.py [--quick] [--no-record] [--work DIR] [--max-minutes M] [--only NAME ...] [--jobs N]
+    python benchmarks/quality.py [--quick] [--no-record] [--work DIR] [--rows DIR] [--max-minutes M] [--only NAME ...]
+                                 [--jobs N]
 """
 
 from __future__ import annotations
@@ -206,7 +209,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="ratio 0.4, three rows, 4 steps, 1k eval tokens (minutes)")
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
-    parser.add_argument("--work", type=Path, default=None, help="where rows are saved (resumable)")
+    parser.add_argument("--work", type=Path, default=None, help="checkpoints, exports and logs of the rows")
+    parser.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        help="where each row's result is saved (default: benchmarks/rows/quality-long, committed; --quick: WORK/rows)",
+    )
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
     parser.add_argument("--only", nargs="*", default=None, help="run only these rows (by name)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (default 1)")
@@ -243,7 +252,7 @@ def main() -> None:
         model = model.to(device)
         return {name: perplexity(model, ids) for name, ids in evals.items()} | {"params": model.num_parameters()}
 
-    saved = work / "rows"
+    saved = args.rows or (work / "rows" if args.quick else ROOT / "benchmarks" / "rows" / "quality-long")
     base_path = saved / "base.json"
     base_key = _digest(json.dumps({"eval_tokens": protocol["eval_tokens"]}))
     if not _is_current(base_path, base_key):
