@@ -66,7 +66,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, machine, record, run_cli, train
-from benchmarks.quality import _commit, merged_dense, needs_run, row_key, training_facts
+from benchmarks.quality import _commit, merged_dense, needs_run, training_facts
+from benchmarks.saved_rows import row_config, save_row
 
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
 PROTOCOL = {"steps": 80, "micro_batch_size": 2, "eval_tokens": 8192, "train_rows": 3000}
@@ -201,10 +202,10 @@ def main() -> None:
             cfg["output_dir"] = str(work / row / "run")
             if seed is not None:
                 cfg["seed"] = seed
-            key = row_key(cfg, PROTOCOL)
+            config = row_config(cfg, PROTOCOL)
             path = saved / f"{row}.json"
-            if needs_run(path, key, row, started, args.max_minutes):
-                train_row(row, name, cfg, key, path, model_dir, work, evals)
+            if needs_run(path, config, row, started, args.max_minutes):
+                train_row(row, name, cfg, config, path, model_dir, work, evals)
 
     saved_rows = [json.loads(p.read_text())["row"] for p in saved.glob("*.json")]
     rows = {row["name"]: row for row in saved_rows}
@@ -240,11 +241,14 @@ def fixed_decision(name: str, seed: int | None, work: Path, model_dir: Path, cal
     return None
 
 
-def train_row(row: str, name: str, cfg: dict, key: str, path: Path, model_dir: Path, work: Path, evals: dict) -> None:
+def train_row(
+    row: str, name: str, cfg: dict, config: dict, path: Path, model_dir: Path, work: Path, evals: dict
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     begun = time.time()
+    commit = _commit()  # the code that trains the row (a commit made while it trains is not)
     log, metrics = train(cfg, row)
     if name == "dense":
         model = merged_dense(model_dir, Path(cfg["output_dir"]))
@@ -263,11 +267,11 @@ def train_row(row: str, name: str, cfg: dict, key: str, path: Path, model_dir: P
         "train_seconds": metrics.get("train_runtime"),
         "seconds": round(time.time() - begun),
         "machine": machine(),
-        "commit": _commit(),
+        "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
     }
     print(result, flush=True)
-    dump(path, {"key": key, "row": result})
+    save_row(path, config, result)
 
 
 def evaluate(model, evals: dict) -> dict[str, Any]:

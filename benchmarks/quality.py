@@ -17,9 +17,9 @@ Rows (the long protocol: 200 optimizer steps of 4x256 tokens, 204,800 training t
 
 The run is resumable: each row's result (its figures, a small JSON file) is saved under `--rows`
 (benchmarks/rows/quality-long by default, which is committed: a session's machine is fresh, and its
-benchmarks/work folder, with the checkpoints and exports, does not reach the next session) with a key made of
-its resolved training config; a row is run again only when it is missing or its key
-changed (a new default changes the key). RESULTS.md is built from the saved rows, with the date and commit;
+benchmarks/work folder, with the checkpoints and exports, does not reach the next session) with its resolved training config
+and a key made of it (`benchmarks/saved_rows.py`); a row is run again only when it is missing or its config
+changed (a new default changes it; a new option left at its default does not). RESULTS.md is built from the saved rows, with the date and commit;
 rows not yet measured are listed as such. Within a row, the long protocol checkpoints every 10 optimizer
 steps, and a row stopped midway resumes from its newest complete checkpoint (axolotl's
 `auto_resume_from_checkpoints`; the plugin restores the generator, masks and schedule), unless its key changed.
@@ -34,7 +34,6 @@ prepared dataset), for a machine with the cores or a GPU to spare; every row rec
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -51,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, machine, pubmed_subset, record, run_cli, smollm2_config, train
+from benchmarks.saved_rows import digest, is_current, row_config, row_key, save_row
 
 # train_rows: 200 steps x 4 rows for the long protocol (the calibration split is held out of these).
 LONG = {
@@ -164,26 +164,6 @@ def prepare_resume(run_dir: Path, key: str) -> int | None:
     return checkpoint_step(found[-1]) if found else None
 
 
-def row_key(cfg: dict, protocol: dict) -> str:
-    """What decides a row's result: its training config with the `atp:` block resolved (defaults included),
-    the protocol, and the evaluation; not the paths."""
-    from axolotl_atp.args import ATPConfig
-
-    semantic = {k: v for k, v in cfg.items() if k not in ("output_dir", "dataset_prepared_path", "base_model")}
-    semantic["datasets"] = [{**d, "path": Path(d["path"]).name} for d in cfg["datasets"]]
-    if "atp" in cfg:
-        atp = ATPConfig(**cfg["atp"]).model_dump()
-        if atp.get("decision_file"):
-            atp["decision_file"] = _digest(Path(atp["decision_file"]).read_text())
-        semantic["atp"] = atp
-    measured = {k: protocol[k] for k in ("steps", "micro_batch_size", "eval_tokens", "train_rows")}
-    return _digest(json.dumps({"cfg": semantic, "protocol": measured}, sort_keys=True))
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def merged_dense(model_dir: Path, adapter: Path):
     import torch
     from peft import PeftModel
@@ -254,7 +234,7 @@ def main() -> None:
 
     saved = args.rows or (work / "rows" if args.quick else ROOT / "benchmarks" / "rows" / "quality-long")
     base_path = saved / "base.json"
-    base_key = _digest(json.dumps({"eval_tokens": protocol["eval_tokens"]}))
+    base_key = digest(json.dumps({"eval_tokens": protocol["eval_tokens"]}))
     if not _is_current(base_path, base_key):
         base = {"name": "base", "kind": "base", "method": "base (no training)", "ratio": 0.0, "seed": None}
         base.update(layout="-", **evaluate(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)))
@@ -280,11 +260,13 @@ def main() -> None:
                 structures=(MLP,),
             )
         cfg = run_config(run, model_dir, data, work, protocol, decision, shared_prepared=args.jobs == 1)
-        key = row_key(cfg, protocol)
+        config = row_config(cfg, protocol)
+        key = row_key(config)
         path = saved / f"{run['name']}.json"
-        if not needs_run(path, key, run["name"], started, args.max_minutes):
+        if not needs_run(path, config, run["name"], started, args.max_minutes):
             return
         begun = time.time()
+        commit = _commit()  # the code that trains the row (a commit made while it trains is not)
         run_dir = Path(cfg["output_dir"])
         resumed_from = None
         if protocol.get("checkpoint_steps"):
@@ -319,12 +301,12 @@ def main() -> None:
             # train_seconds and seconds then cover only the part trained by this invocation.
             "resumed_from_step": resumed_from,
             "machine": where,
-            "commit": _commit(),
+            "commit": commit,
             "date": time.strftime("%Y-%m-%d"),
         }
         with lock:
             print(result, flush=True)
-            dump(path, {"key": key, "row": result})
+            save_row(path, config, result)
 
     todo = [run for run in plan(protocol, args.quick) if not args.only or run["name"] in args.only]
     failed: list[str] = []
@@ -358,10 +340,10 @@ def main() -> None:
         )
 
 
-def needs_run(path: Path, key: str, name: str, started: float, max_minutes: float | None) -> bool:
-    """Whether row `name` is trained now: its saved result is missing or of another key, and the run's
-    `--max-minutes` (counted from `started`) has not passed."""
-    if _is_current(path, key):
+def needs_run(path: Path, config: dict, name: str, started: float, max_minutes: float | None) -> bool:
+    """Whether row `name` is trained now: its saved result is missing or of another config
+    (`saved_rows.is_current`), and the run's `--max-minutes` (counted from `started`) has not passed."""
+    if is_current(path, config):
         return False
     if max_minutes is not None and time.time() - started > 60 * max_minutes:
         print(f"not starting {name}: --max-minutes {max_minutes} reached", flush=True)

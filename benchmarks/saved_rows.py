@@ -1,0 +1,87 @@
+"""Saved benchmark rows: one small JSON file per row, keyed by the config that decides its result.
+
+A row is `{"key": ..., "config": ..., "row": {...figures...}}`. The config is the row's training config with the
+`atp:` block resolved (defaults included) and without paths, plus the protocol that measured it; the key is its
+digest. A saved row is current when its key is the one asked for, or when the only difference is `atp:` keys that
+did not exist when it was measured and that the new run leaves at their default: a new option whose default
+keeps the old behaviour does not send every saved row back to training. (A changed default changes the value of
+a key the saved config has, so the row is rerun.)
+
+Rows saved before the config was stored carry only the key; `is_current` adds the config to them when the key
+matches, so that the next new option does not invalidate them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import dump
+
+PROTOCOL_KEYS = ("steps", "micro_batch_size", "eval_tokens", "train_rows")
+
+
+def row_config(cfg: dict, protocol: dict) -> dict[str, Any]:
+    """What decides a row's result: its training config with the `atp:` block resolved, the protocol, and the
+    evaluation; not the paths. JSON-normalised (tuples are lists), as it is saved."""
+    from axolotl_atp.args import ATPConfig
+
+    semantic = {k: v for k, v in cfg.items() if k not in ("output_dir", "dataset_prepared_path", "base_model")}
+    semantic["datasets"] = [{**d, "path": Path(d["path"]).name} for d in cfg["datasets"]]
+    if "atp" in cfg:
+        atp = ATPConfig(**cfg["atp"]).model_dump()
+        if atp.get("decision_file"):
+            atp["decision_file"] = digest(Path(atp["decision_file"]).read_text())
+        semantic["atp"] = atp
+    measured = {k: protocol[k] for k in PROTOCOL_KEYS}
+    return json.loads(json.dumps({"cfg": semantic, "protocol": measured}, sort_keys=True))
+
+
+def row_key(config: dict) -> str:
+    return digest(json.dumps(config, sort_keys=True))
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_row(path: Path, config: dict, row: dict) -> None:
+    dump(path, {"key": row_key(config), "config": config, "row": row})
+
+
+def is_current(path: Path, config: dict) -> bool:
+    """Whether the row saved at `path` was measured with `config` (see the module docstring)."""
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    if saved.get("key") == row_key(config):
+        if "config" not in saved:  # a row saved before the config was stored
+            dump(path, {**saved, "config": config})
+        return True
+    return "config" in saved and same_up_to_new_defaults(saved["config"], config)
+
+
+def same_up_to_new_defaults(saved: dict, current: dict) -> bool:
+    """`current` equals `saved`, except for `atp:` keys absent from `saved` that `current` has at their default."""
+    from axolotl_atp.args import ATPConfig
+
+    saved_atp, current_atp = saved["cfg"].get("atp"), current["cfg"].get("atp")
+    if (saved_atp is None) != (current_atp is None):
+        return False
+    if {k: v for k, v in saved["cfg"].items() if k != "atp"} != {k: v for k, v in current["cfg"].items() if k != "atp"}:
+        return False
+    if saved["protocol"] != current["protocol"] or current_atp is None:
+        return saved["protocol"] == current["protocol"]
+    if set(saved_atp) - set(current_atp):  # an option removed since: the row is not comparable
+        return False
+    fields = ATPConfig.model_fields
+    defaults = json.loads(json.dumps({n: f.get_default(call_default_factory=True) for n, f in fields.items()}))
+    for name, value in current_atp.items():
+        if name in saved_atp:
+            if saved_atp[name] != value:
+                return False
+        elif fields[name].is_required() or value != defaults[name]:
+            return False
+    return True
