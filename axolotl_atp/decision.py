@@ -2,13 +2,19 @@
 
 Scores are the generator's noise-free logits plus offset (no random sample, unlike the reference
 code). Groups are removed greedily, the lowest-scoring removable block first, until the remaining
-prunable parameters are at or below the target; the overshoot is below the smallest block. A block respects the layout (`uniform`: the same
-count removed from every layer), the rounding multiple and the per-layer minimum.
+prunable parameters are at or below the target; the overshoot is below the smallest block. A block respects
+the layout (`uniform`: the same count removed from every layer), the rounding multiple and the per-layer
+minimum.
+
+Scores of different structures come from different generator heads (and the importance prior adds to some
+only), so they are not on one scale. With `structure_targets` (the parameters each structure should keep), the
+removal first reaches each structure's own target ranking its groups only against each other; only what is left
+of the budget after that (less than one block of each structure) is ranked across structures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -82,8 +88,12 @@ def freeze_decision(
     round_to: dict[str, int],
     minimum: dict[str, int],
     accept_heads: Callable[[int], bool] | None = None,
+    structure_targets: Mapping[str, float] | None = None,
 ) -> Decision:
-    """The deterministic decision for `scores` ({structure: [layers, groups]}; higher = more important)."""
+    """The deterministic decision for `scores` ({structure: [layers, groups]}; higher = more important).
+
+    `structure_targets`: {structure: prunable parameters of its groups to keep}, reached first within each
+    structure (see the module docstring); `budget_split` gives the split of a last trained decision."""
     tracks: list[_Track] = []
     for structure in STRUCTURES:
         n = geo.num_groups(structure)
@@ -102,8 +112,27 @@ def freeze_decision(
                 order.append(o)
             tracks.append(_Track(structure, layers, counts, order, sorted_scores))
 
+    def cost(candidate: tuple[tuple[float, int], _Track]) -> int:
+        (_, removed), track = candidate
+        return removed * len(track.layers) * counter.cost_per_group[track.structure]
+
     target = (1.0 - prune_ratio) * counter.prunable_total
     remaining = counter.prunable_total
+    for structure, structure_target in (structure_targets or {}).items():
+        own = [t for t in tracks if t.structure == structure]
+        kept = geo.num_layers * geo.num_groups(structure) * counter.cost_per_group[structure]
+        while True:  # the lowest-scoring step of this structure that stays at or above its target
+            fitting = [
+                (step, t)
+                for t in own
+                if (step := t.next_step()) is not None and kept - cost((step, t)) >= structure_target
+            ]
+            if not fitting or remaining <= target:
+                break
+            chosen = min(fitting, key=lambda c: c[0][0])
+            chosen[1].position += 1
+            kept -= cost(chosen)
+            remaining -= cost(chosen)
     while remaining > target:
         candidates = [(step, t) for t in tracks if (step := t.next_step()) is not None]
         if not candidates:
@@ -113,10 +142,6 @@ def freeze_decision(
                 "atp.prune_ratio, lower atp.min_heads_per_layer / atp.min_mlp_channels_per_layer, or add "
                 "a structure to atp.structures."
             )
-
-        def cost(candidate: tuple[tuple[float, int], _Track]) -> int:
-            (_, removed), track = candidate
-            return removed * len(track.layers) * counter.cost_per_group[track.structure]
 
         # Lowest score first among the steps that do not overshoot the target; once none fits, the
         # cheapest step, so the overshoot stays below the smallest step.
@@ -136,6 +161,24 @@ def freeze_decision(
     if accept_heads is not None and layout == "uniform" and HEADS in scores:
         notes.append("uniform layout: head counts limited to those a stock config accepts")
     return Decision(kept=kept, geo=geo, notes=notes)
+
+
+def budget_split(masks: Masks, counter: ParameterCounter, prune_ratio: float) -> dict[str, float] | None:
+    """`structure_targets` for a freeze that lands near `masks` (the hard masks last trained with): the budget's
+    gap to what `masks` keep is shared among the structures as `masks` already share the removal (a structure the
+    generator left whole stays whole while another can take the gap). None when `masks` remove nothing: there is
+    no split to keep, and the freeze ranks across structures."""
+    geo = counter.geo
+    kept, removed = {}, {}
+    for structure, mask in masks.items():
+        cost = counter.cost_per_group[structure]
+        kept[structure] = float(mask.sum()) * cost
+        removed[structure] = geo.num_layers * geo.num_groups(structure) * cost - kept[structure]
+    total_removed = sum(removed.values())
+    if total_removed <= 0:
+        return None
+    gap = float(counter.remaining(masks)) - (1.0 - prune_ratio) * counter.prunable_total
+    return {s: kept[s] - gap * removed[s] / total_removed for s in masks}
 
 
 # compat(transformers 5.16): the stock configs' head-count check.

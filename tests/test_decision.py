@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_atp.decision import freeze_decision, stock_config_accepts_heads
+from axolotl_atp.decision import budget_split, freeze_decision, stock_config_accepts_heads
 from axolotl_atp.groups import HEADS, MLP, ParameterCounter, slice_refs
 from tests.tiny_models import geometry, tiny
 
@@ -41,3 +41,53 @@ def test_freeze_meets_budget_within_granularity(family, layout, ratio):
     dropped = sorted(set(range(geo.intermediate_size)) - set(decision.kept[MLP][0]))
     if dropped:
         assert layer0[dropped].max() <= layer0[decision.kept[MLP][0]].min()
+
+
+def test_a_structure_left_whole_by_the_last_masks_stays_whole_when_the_freeze_closes_the_gap():
+    """The generator kept every KV head and removed channels short of the budget. Its head scores are all below its
+    channel scores (another generator head, no prior): ranked across structures, the freeze would remove heads
+    first; with the split of the last masks it takes the gap from the channels and keeps the heads."""
+    model = tiny("llama", num_hidden_layers=3)
+    spec, geo = geometry(model)
+    counter = ParameterCounter(geo, slice_refs(spec, geo))
+    g = torch.Generator().manual_seed(0)
+    scores = {HEADS: torch.rand(geo.num_layers, geo.num_groups(HEADS), generator=g) + 0.5}
+    scores[MLP] = torch.rand(geo.num_layers, geo.num_groups(MLP), generator=g) + 1.0
+    scores[MLP][:, :16] -= 3.0  # the channels the last masks removed
+    last = {HEADS: torch.ones_like(scores[HEADS]), MLP: (scores[MLP] >= 0).float()}
+    ratio = 0.3
+    assert counter.remaining_ratio(last) > 1 - ratio + 0.05  # the last masks miss the budget
+    args = (scores, geo, counter, ratio, "per_layer", {HEADS: 1, MLP: 8}, {HEADS: 1, MLP: 8})
+
+    ranked_together = freeze_decision(*args)
+    assert min(ranked_together.counts()[HEADS]) < geo.num_groups(HEADS)  # raw scores: heads go first
+
+    split = budget_split(last, counter, ratio)
+    assert split[HEADS] == geo.num_layers * geo.num_groups(HEADS) * counter.cost_per_group[HEADS]
+    decision = freeze_decision(*args, structure_targets=split)
+    assert decision.counts()[HEADS] == [geo.num_groups(HEADS)] * geo.num_layers
+    achieved = 1 - counter.remaining_from_kept(decision.kept) / counter.prunable_total
+    assert ratio - 1e-9 <= achieved <= ratio + 8 * counter.cost_per_group[MLP] / counter.prunable_total + 1e-9
+    for layer in range(geo.num_layers):  # the removed channels are still the lowest-scoring ones
+        assert not set(range(16)) & set(decision.kept[MLP][layer])
+
+
+def test_the_budget_split_shares_the_gap_as_the_last_masks_share_the_removal():
+    model = tiny("llama", num_hidden_layers=3)
+    spec, geo = geometry(model)
+    counter = ParameterCounter(geo, slice_refs(spec, geo))
+    dense = {s: torch.ones(geo.num_layers, geo.num_groups(s)) for s in (HEADS, MLP)}
+    assert budget_split(dense, counter, 0.3) is None  # nothing removed: no split to keep
+    last = {s: m.clone() for s, m in dense.items()}
+    last[HEADS][0, 0] = 0.0
+    last[MLP][:, :8] = 0.0
+    cost = counter.cost_per_group
+    removed = {HEADS: cost[HEADS], MLP: 8 * geo.num_layers * cost[MLP]}
+    for ratio in (0.2, 0.01):  # a gap to close, and masks that removed more than the budget asks
+        split = budget_split(last, counter, ratio)
+        full = {s: geo.num_layers * geo.num_groups(s) * cost[s] for s in (HEADS, MLP)}
+        gap = float(counter.remaining(last)) - (1 - ratio) * counter.prunable_total
+        assert sum(split.values()) == pytest.approx(sum(full.values()) - sum(removed.values()) - gap)
+        assert (full[HEADS] - removed[HEADS] - split[HEADS]) / (full[MLP] - removed[MLP] - split[MLP]) == (
+            pytest.approx(removed[HEADS] / removed[MLP])
+        )

@@ -21,7 +21,7 @@ from torch import nn
 
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
-from axolotl_atp.decision import Decision, freeze_decision, stock_config_accepts_heads
+from axolotl_atp.decision import Decision, budget_split, freeze_decision, stock_config_accepts_heads
 from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
 from axolotl_atp.masking import MaskedModel, MaskMode
 from axolotl_atp.masks_file import MasksFileError, read_masks
@@ -259,7 +259,9 @@ class ATPController:
         return anchored
 
     def freeze(self) -> Decision:
-        """Fix the masks to the deterministic decision that meets the budget (up to rounding)."""
+        """Fix the masks to the deterministic decision that meets the budget (up to rounding). Where the last
+        trained masks miss the budget, each structure takes its share of the gap (`budget_split`), so that heads
+        and channels, scored by different generator heads, are not ranked against each other on raw scores."""
         cfg = self.cfg
         self.decision = freeze_decision(
             self.freeze_scores(),
@@ -270,6 +272,7 @@ class ATPController:
             round_to={HEADS: cfg.heads_round_to, MLP: cfg.mlp_round_to},
             minimum={HEADS: cfg.min_heads_per_layer, MLP: cfg.min_mlp_channels_per_layer},
             accept_heads=stock_config_accepts_heads(self.geo) if cfg.layout == "uniform" else None,
+            structure_targets=budget_split(self.hard_masks, self.counter, cfg.prune_ratio),
         )
         frozen = self.decision.masks(self.device)
         distributed.check_same([frozen[s] for s in self.structures], "frozen decision", "at the freeze")
