@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -212,7 +213,7 @@ def main() -> None:
     body = report(rows, expected=args.only or list(VARIANTS))
     print(body)
     if not args.no_record:
-        record(args.section, body, "python benchmarks/demo_variants.py" + "".join(f" {a}" for a in sys.argv[1:]))
+        record(args.section, body, shlex.join(["python", "benchmarks/demo_variants.py", *sys.argv[1:]]))
 
 
 def row_name(variant: str, seed: int | None) -> str:
