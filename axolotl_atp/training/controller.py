@@ -21,6 +21,7 @@ from torch import nn
 
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
+from axolotl_atp.bnb_cpu import keep_4bit_layout_on_cpu
 from axolotl_atp.decision import Decision, budget_split, freeze_decision, stock_config_accepts_heads
 from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
 from axolotl_atp.masking import MaskedModel, MaskMode
@@ -52,6 +53,7 @@ class ATPController:
 
     def __init__(self, model: nn.Module, cfg: ATPConfig, *, total_steps: int, peak_lr: float, seed: int):
         base = unwrap_base_model(model)
+        keep_4bit_layout_on_cpu(model)  # before the importance prior reads the 4-bit base weights
         self.model = model
         self.cfg = cfg
         self.model_type = base.config.model_type
