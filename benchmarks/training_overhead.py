@@ -7,7 +7,7 @@ steps 3..N, the plain run's steps 2..N. The first step of a run and the freeze s
 one-off work at the start (the importance prior's calibration forwards, the teacher's set-up) and the freeze's
 decision are not spread over the steps; the start's cost is reported on its own.
 
-    python benchmarks/training_overhead.py [--quick] [--reuse]
+    python benchmarks/training_overhead.py [--quick] [--reuse] [--lora-defaults]
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="keep the runs already measured (same code); train only the missing ones"
     )
+    parser.add_argument(
+        "--lora-defaults",
+        action="store_true",
+        help="only plain LoRA and LoRA ATP with its defaults (three runs), recorded in a section of its own",
+    )
     args = parser.parse_args()
     steps = 6 if args.quick else 12
     shape = {"micro_batch_size": 2, "sequence_len": 128 if args.quick else 256}
@@ -66,13 +71,15 @@ def main() -> None:
     atp = {"prune_ratio": 0.4, "calibration_size": 32, "mlp_round_to": 8}
     runs = {}
     variants = [("lora", {}), ("qlora", {"adapter": "qlora", "load_in_4bit": True})]
+    if args.lora_defaults:
+        variants = variants[:1]
     for adapter, extra in variants:
         plans = {
             "plain": None,
             "atp_control": {**atp, "control_steps": steps - 1},
             "atp_frozen": {**atp, "control_steps": 1},
         }
-        if adapter == "lora":
+        if adapter == "lora" and not args.lora_defaults:
             for mode, extra_atp in LORA_MODES.items():
                 plans[f"atp_control_{mode}"] = {**atp, **extra_atp, "control_steps": steps - 1}
                 plans[f"atp_frozen_{mode}"] = {**atp, **extra_atp, "control_steps": 1}
@@ -128,7 +135,7 @@ def main() -> None:
     print(table)
     dump(work / "results.json", {"steps": steps, "runs": runs, "summary": summary})
     if not args.no_record:
-        mode = "quick" if args.quick else "full"
+        mode = ("quick" if args.quick else "full") + (", LoRA defaults" if args.lora_defaults else "")
         body = (
             f"{steps} optimizer steps per run (2x{shape['sequence_len']} tokens per step), LoRA r=16 on all "
             "seven projections, prune_ratio 0.4, CPU fp32. Peak RSS is the training process's resident memory "
@@ -143,7 +150,8 @@ def main() -> None:
         record(
             f"Training overhead ({mode})",
             body,
-            f"python benchmarks/training_overhead.py{' --quick' if args.quick else ''}",
+            f"python benchmarks/training_overhead.py{' --quick' if args.quick else ''}"
+            f"{' --lora-defaults' if args.lora_defaults else ''}",
         )
 
 
