@@ -120,14 +120,14 @@ def freeze_decision(
     remaining = counter.prunable_total
     for structure, structure_target in (structure_targets or {}).items():
         own = [t for t in tracks if t.structure == structure]
-        kept = geo.num_layers * geo.num_groups(structure) * counter.cost_per_group[structure]
-        while True:  # the lowest-scoring step of this structure that stays at or above its target
+        kept = counter.structure_total(structure)
+        while remaining > target:  # the lowest-scoring step of this structure that stays at or above its target
             fitting = [
                 (step, t)
                 for t in own
                 if (step := t.next_step()) is not None and kept - cost((step, t)) >= structure_target
             ]
-            if not fitting or remaining <= target:
+            if not fitting:
                 break
             chosen = min(fitting, key=lambda c: c[0][0])
             chosen[1].position += 1
@@ -168,12 +168,8 @@ def budget_split(masks: Masks, counter: ParameterCounter, prune_ratio: float) ->
     gap to what `masks` keep is shared among the structures as `masks` already share the removal (a structure the
     generator left whole stays whole while another can take the gap). None when `masks` remove nothing: there is
     no split to keep, and the freeze ranks across structures."""
-    geo = counter.geo
-    kept, removed = {}, {}
-    for structure, mask in masks.items():
-        cost = counter.cost_per_group[structure]
-        kept[structure] = float(mask.sum()) * cost
-        removed[structure] = geo.num_layers * geo.num_groups(structure) * cost - kept[structure]
+    kept = {s: float(mask.sum()) * counter.cost_per_group[s] for s, mask in masks.items()}
+    removed = {s: counter.structure_total(s) - kept[s] for s in masks}
     total_removed = sum(removed.values())
     if total_removed <= 0:
         return None

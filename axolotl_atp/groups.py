@@ -141,6 +141,10 @@ class ParameterCounter:
         per_layer = self.fixed_per_layer + sum(self.cost_per_group[s] * geo.num_groups(s) for s in STRUCTURES)
         self.prunable_total = geo.num_layers * per_layer
 
+    def structure_total(self, structure: str) -> int:
+        """Prunable parameters of all groups of `structure` (every layer, nothing removed)."""
+        return self.geo.num_layers * self.geo.num_groups(structure) * self.cost_per_group[structure]
+
     def remaining(self, masks: Masks) -> torch.Tensor:
         """Remaining prunable parameters, differentiable in the (soft or hard) masks.
 
@@ -151,7 +155,7 @@ class ParameterCounter:
                 kept = masks[structure].sum()
                 total = total.to(kept.device) + kept * self.cost_per_group[structure]
             else:
-                total = total + self.geo.num_layers * self.geo.num_groups(structure) * self.cost_per_group[structure]
+                total = total + self.structure_total(structure)
         return total
 
     def remaining_from_kept(self, kept: Mapping[str, list[list[int]]]) -> int:

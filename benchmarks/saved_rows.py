@@ -68,20 +68,18 @@ def same_up_to_new_defaults(saved: dict, current: dict) -> bool:
     from axolotl_atp.args import ATPConfig
 
     saved_atp, current_atp = saved["cfg"].get("atp"), current["cfg"].get("atp")
-    if (saved_atp is None) != (current_atp is None):
+    if saved["protocol"] != current["protocol"] or (saved_atp is None) != (current_atp is None):
         return False
     if {k: v for k, v in saved["cfg"].items() if k != "atp"} != {k: v for k, v in current["cfg"].items() if k != "atp"}:
         return False
-    if saved["protocol"] != current["protocol"] or current_atp is None:
-        return saved["protocol"] == current["protocol"]
+    if current_atp is None:
+        return True
     if set(saved_atp) - set(current_atp):  # an option removed since: the row is not comparable
         return False
-    fields = ATPConfig.model_fields
-    defaults = json.loads(json.dumps({n: f.get_default(call_default_factory=True) for n, f in fields.items()}))
-    for name, value in current_atp.items():
-        if name in saved_atp:
-            if saved_atp[name] != value:
-                return False
-        elif fields[name].is_required() or value != defaults[name]:
+    for name in set(current_atp) - set(saved_atp):  # options added since: only at their default
+        field = ATPConfig.model_fields[name]
+        if field.is_required() or current_atp[name] != json.loads(
+            json.dumps(field.get_default(call_default_factory=True))
+        ):
             return False
-    return True
+    return all(saved_atp[name] == current_atp[name] for name in saved_atp)

@@ -116,7 +116,7 @@ class ATPController:
 
     def budget_quantile(self, structures: list[str]) -> float:
         """The fraction of each of `structures`' groups that meets the budget when they alone carry it."""
-        cost = sum(self.geo.num_layers * self.geo.num_groups(s) * self.counter.cost_per_group[s] for s in structures)
+        cost = sum(self.counter.structure_total(s) for s in structures)
         return min(1.0, self.cfg.prune_ratio * self.counter.prunable_total / max(1, cost))
 
     def importance_centres(self, importance: Masks) -> Masks:
