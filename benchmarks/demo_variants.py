@@ -37,7 +37,10 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
 - `mlp-only`: ATP pruning MLP channels only, the structures two-stage prunes: the generator against Wanda-sp
   on equal terms (measured with CE calibration);
 - `fixed-prior-10-decision`: the same for the `prior-mean-10` row's decision (no KV head pruned, 85% of
-  Wanda-sp's MLP channels, other per-layer widths).
+  Wanda-sp's MLP channels, other per-layer widths);
+- `teacher-dense`: distillation from the `dense` row's LoRA adapter instead of the base model ("teacher
+  correction": a teacher that knows the domain; `kd_teacher: DENSE_RUN`); the `dense` row is trained first
+  where its adapter is not in the work folder.
 
 `--seeds 7 13` trains the named rows again with `seed: 7` and `seed: 13` (rows `NAME@7`, `NAME@13`); the
 report gives the mean and the spread of the seeds a row has.
@@ -67,7 +70,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, machine, record, run_cli, train
-from benchmarks.quality import _commit, merged_dense, needs_run, training_facts
+from benchmarks.quality import _commit, merged_dense, needs_run, out_of_time, training_facts
 from benchmarks.saved_rows import row_config, save_row
 
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
@@ -102,9 +105,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "ATP, structures: [mlp_channels], CE calibration",
         {"structures": ["mlp_channels"], "kd_calibration": False},
     ),
+    "teacher-dense": ("ATP, kd_teacher: the dense row's adapter (teacher correction)", {}),
 }
 # The rows trained on another row's frozen decision, and that row.
 DECISION_SOURCES = {"fixed-atp-decision": "ce-calibration", "fixed-prior-10-decision": "prior-mean-10"}
+# The rows distilled from another row's adapter, and that row.
+TEACHER_SOURCES = {"teacher-dense": "dense"}
 FIXED_DECISION_ROWS = ("two-stage", *DECISION_SOURCES)
 
 
@@ -117,7 +123,9 @@ def demo_config(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
     return cfg
 
 
-def variant_config(name: str, model_dir: Path, data: Path, work: Path, decision: Path | None) -> dict[str, Any]:
+def variant_config(
+    name: str, model_dir: Path, data: Path, work: Path, decision: Path | None, teacher: Path | None = None
+) -> dict[str, Any]:
     cfg = demo_config(model_dir, data, work / name)
     cfg["dataset_prepared_path"] = str(work / "prepared")  # same data and tokenizer: tokenized once
     if name == "dense":
@@ -133,6 +141,9 @@ def variant_config(name: str, model_dir: Path, data: Path, work: Path, decision:
         }
     else:
         cfg["atp"] = {**cfg["atp"], **VARIANTS[name][1]}
+    if name in TEACHER_SOURCES:
+        assert teacher is not None
+        cfg["atp"]["kd_teacher"] = str(teacher)
     return cfg
 
 
@@ -199,10 +210,15 @@ def main() -> None:
             if name in FIXED_DECISION_ROWS and decision is None:
                 print(f"not starting {row}: its source row of the same seed has no decision yet", flush=True)
                 continue
-            cfg = variant_config(name, model_dir, data, work, decision)
-            cfg["output_dir"] = str(work / row / "run")
-            if seed is not None:
-                cfg["seed"] = seed
+            teacher = None
+            if name in TEACHER_SOURCES:
+                source = row_name(TEACHER_SOURCES[name], seed)
+                teacher = work / source / "run"
+                if not (teacher / "adapter_config.json").is_file():
+                    if out_of_time(source, started, args.max_minutes):
+                        continue
+                    run_source(TEACHER_SOURCES[name], seed, model_dir, data, work, saved, evals)
+            cfg = seeded_config(name, seed, model_dir, data, work, decision, teacher)
             config = row_config(cfg, PROTOCOL)
             path = saved / f"{row}.json"
             if needs_run(path, config, row, started, args.max_minutes):
@@ -214,6 +230,31 @@ def main() -> None:
     print(body)
     if not args.no_record:
         record(args.section, body, shlex.join(["python", "benchmarks/demo_variants.py", *sys.argv[1:]]))
+
+
+def seeded_config(
+    name: str,
+    seed: int | None,
+    model_dir: Path,
+    data: Path,
+    work: Path,
+    decision: Path | None,
+    teacher: Path | None = None,
+) -> dict[str, Any]:
+    """Row `name` at `seed`: its variant's config, writing under the row's own folder."""
+    cfg = variant_config(name, model_dir, data, work, decision, teacher)
+    cfg["output_dir"] = str(work / row_name(name, seed) / "run")
+    if seed is not None:
+        cfg["seed"] = seed
+    return cfg
+
+
+def run_source(name: str, seed: int | None, model_dir: Path, data: Path, work: Path, saved: Path, evals: dict) -> None:
+    """Train row `name` (a teacher's source) again, because the work folder lacks its adapter; its saved figures
+    are replaced by the new run's (the runs are deterministic on one machine)."""
+    row = row_name(name, seed)
+    cfg = seeded_config(name, seed, model_dir, data, work, None)
+    train_row(row, name, cfg, row_config(cfg, PROTOCOL), saved / f"{row}.json", model_dir, work, evals)
 
 
 def row_name(variant: str, seed: int | None) -> str:

@@ -343,12 +343,15 @@ def main() -> None:
 def needs_run(path: Path, config: dict, name: str, started: float, max_minutes: float | None) -> bool:
     """Whether row `name` is trained now: its saved result is missing or of another config
     (`saved_rows.is_current`), and the run's `--max-minutes` (counted from `started`) has not passed."""
-    if is_current(path, config):
-        return False
+    return not is_current(path, config) and not out_of_time(name, started, max_minutes)
+
+
+def out_of_time(name: str, started: float, max_minutes: float | None) -> bool:
+    """Whether `--max-minutes` (counted from `started`) has passed; says so for row `name`."""
     if max_minutes is not None and time.time() - started > 60 * max_minutes:
         print(f"not starting {name}: --max-minutes {max_minutes} reached", flush=True)
-        return False
-    return True
+        return True
+    return False
 
 
 def _is_current(path: Path, key: str) -> bool:

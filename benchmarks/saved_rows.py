@@ -34,6 +34,8 @@ def row_config(cfg: dict, protocol: dict) -> dict[str, Any]:
         atp = ATPConfig(**cfg["atp"]).model_dump()
         if atp.get("decision_file"):
             atp["decision_file"] = digest(Path(atp["decision_file"]).read_text())
+        if atp["kd_teacher"] not in ("base", "self"):  # an adapter folder: what decides the result is its weights
+            atp["kd_teacher"] = adapter_digest(Path(atp["kd_teacher"]))
         semantic["atp"] = atp
     measured = {k: protocol[k] for k in PROTOCOL_KEYS}
     return json.loads(json.dumps({"cfg": semantic, "protocol": measured}, sort_keys=True))
@@ -45,6 +47,12 @@ def row_key(config: dict) -> str:
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def adapter_digest(folder: Path) -> str:
+    """A LoRA adapter folder's identity: the digest of its config and weights files."""
+    files = sorted(p for p in folder.iterdir() if p.name.startswith("adapter_") and p.is_file())
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
 
 
 def save_row(path: Path, config: dict, row: dict) -> None:

@@ -132,14 +132,21 @@ def test_quality_row_resumes_only_its_own_checkpoints(tmp_path):
 def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
     sys.path.insert(0, str(ROOT))
     from axolotl_atp.args import ATPConfig
-    from benchmarks.demo_variants import FIXED_DECISION_ROWS, VARIANTS, demo_config, report, variant_config
+    from benchmarks.demo_variants import (
+        FIXED_DECISION_ROWS,
+        TEACHER_SOURCES,
+        VARIANTS,
+        demo_config,
+        report,
+        variant_config,
+    )
 
     model, data = tmp_path / "model", tmp_path / "train.jsonl"
     demo = demo_config(model, data, tmp_path / "demo")
     assert demo["base_model"] == str(model) and demo["datasets"][0]["path"] == str(data)
     for name, (_, change) in VARIANTS.items():
-        if name in FIXED_DECISION_ROWS:
-            continue  # their blocks name a decision file (built from the real model or another row)
+        if name in FIXED_DECISION_ROWS or name in TEACHER_SOURCES:
+            continue  # their blocks name a decision file or a teacher adapter (built by another row)
         cfg = variant_config(name, model, data, tmp_path, decision=None)
         assert cfg["output_dir"] == str(tmp_path / name / "run")
         if name == "dense":
@@ -176,6 +183,30 @@ def test_demo_variants_change_one_key_of_the_demo_config(tmp_path):
     assert "| atp | 8 | 27.00 |" in table and "| atp | 8 | 29.00 |" not in table  # the first table is seed 42
     assert "| atp | 7, 42 | 28.00 (27.00-29.00) | 35.00 (35.00-35.00) | 1.00 |" in table
     assert "| two | 7, 42 | 28.00 (26.00-30.00) | 40.00 (40.00-40.00) |  |" in table
+
+
+def test_teacher_row_distils_from_the_dense_rows_adapter_and_its_key_follows_the_weights(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.demo_variants import PROTOCOL, demo_config, variant_config
+    from benchmarks.saved_rows import row_config, row_key
+
+    def adapter(folder: Path, weights: bytes) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text('{"r": 16}')
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        return folder
+
+    model, data = tmp_path / "model", tmp_path / "train.jsonl"
+    teacher = adapter(tmp_path / "dense" / "run", b"weights-a")
+    cfg = variant_config("teacher-dense", model, data, tmp_path, decision=None, teacher=teacher)
+    demo = demo_config(model, data, tmp_path / "demo")
+    assert cfg["atp"] == {**demo["atp"], "kd_teacher": str(teacher)}
+    key = row_key(row_config(cfg, PROTOCOL))
+    assert str(teacher) not in json.dumps(row_config(cfg, PROTOCOL))  # the key is the weights', not the path's
+    moved = adapter(tmp_path / "elsewhere", b"weights-a")
+    assert row_key(row_config({**cfg, "atp": {**cfg["atp"], "kd_teacher": str(moved)}}, PROTOCOL)) == key
+    retrained = adapter(tmp_path / "retrained", b"weights-b")
+    assert row_key(row_config({**cfg, "atp": {**cfg["atp"], "kd_teacher": str(retrained)}}, PROTOCOL)) != key
 
 
 def test_overhead_step_times_come_from_the_progress_bar():
