@@ -131,6 +131,8 @@ def variant_config(
     if name == "dense":
         cfg.pop("plugins")
         cfg.pop("atp")
+        # Without the plugin, axolotl turns its fused LoRA kernels on, and they need CUDA: off, as the plugin has them.
+        cfg.update({f"lora_{k}_kernel": False for k in ("mlp", "qkv", "o", "embedding")})
     elif name in FIXED_DECISION_ROWS:
         assert decision is not None
         keep = ("structures", "mlp_round_to")
