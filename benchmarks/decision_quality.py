@@ -1,5 +1,5 @@
-"""Decision quality without training: held-out PubMed perplexity of the *base* SmolLM2-135M with a decision's
-groups removed (no LoRA), for static importance criteria and for the decisions in masks files (a run's
+"""Decision quality without training: held-out PubMed and Wikipedia perplexity of the *base* SmolLM2-135M with a
+decision's groups removed (no LoRA), for static importance criteria and for the decisions in masks files (a run's
 atp_masks.json), at one budget. Minutes instead of the hours of a training row: the quick check of whether
 a generator's choices beat simple importance scores.
 
@@ -63,6 +63,7 @@ def main() -> None:
     from axolotl_atp.masks_file import read_masks
     from axolotl_atp.training.importance import wanda_sp_scores
     from benchmarks.static_importance import calibration_batches
+    from devkit.assets import ensure_wikipedia
     from devkit.evaluation import perplexity, read_texts, token_stream
 
     model_dir, pubmed = assets()
@@ -71,7 +72,11 @@ def main() -> None:
     spec = spec_for(model.config.model_type)
     geo = ModelGeometry.from_config(model.config, spec)
     counter = ParameterCounter(geo, slice_refs(spec, geo))
-    ids = token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), args.eval_tokens)
+    evals = {
+        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), args.eval_tokens),
+        # General English, on which nothing here is calibrated: what a decision costs outside the domain.
+        "Wikipedia": token_stream(tokenizer, read_texts(ensure_wikipedia() / "articles.jsonl"), args.eval_tokens),
+    }
     # Calibration rows no benchmark trains on (the quality benchmark trains on the first 4,000).
     args.work.mkdir(parents=True, exist_ok=True)
     calibration = args.work / "calibration.jsonl"
@@ -126,7 +131,7 @@ def main() -> None:
             "kv_heads_kept": 1.0,
             "mlp_kept": 1.0,
             "removed": 0.0,
-            "PubMed": perplexity(model, ids),
+            **{name: perplexity(model, ids) for name, ids in evals.items()},
         }
     ]
     # Hard masks on the inputs of o_proj and down_proj: exactly the model without those groups (masking.py).
@@ -140,7 +145,7 @@ def main() -> None:
                 "kv_heads_kept": float(masks[HEADS].mean()),
                 "mlp_kept": float(masks[MLP].mean()),
                 "removed": 1.0 - float(counter.remaining_ratio(masks)),
-                "PubMed": perplexity(model, ids, desc=name[:30]),
+                **{e: perplexity(model, ids, desc=f"{e} {name[:30]}") for e, ids in evals.items()},
             }
         )
         print(rows[-1], flush=True)
@@ -159,16 +164,17 @@ def main() -> None:
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     lines = [
-        f"SmolLM2-135M base weights (no LoRA, no training) with each decision's groups removed; held-out PubMed "
-        f"perplexity on {args.eval_tokens:,} tokens; Wanda-sp from {args.calibration_rows} PubMed rows that no "
+        f"SmolLM2-135M base weights (no LoRA, no training) with each decision's groups removed; perplexity on "
+        f"{args.eval_tokens:,} held-out PubMed tokens and as many Wikipedia tokens; Wanda-sp from {args.calibration_rows} PubMed rows that no "
         f"benchmark trains on. Commit {commit.strip()}. Removed = fraction of the prunable parameters.",
         "",
-        "| decision | KV heads kept | MLP channels kept | removed | PubMed PPL |",
-        "|---|---|---|---|---|",
+        "| decision | KV heads kept | MLP channels kept | removed | PubMed PPL | Wikipedia PPL |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['decision']} | {r['kv_heads_kept']:.3f} | {r['mlp_kept']:.3f} | {r['removed']:.3f} | {r['PubMed']:.2f} |"
+            f"| {r['decision']} | {r['kv_heads_kept']:.3f} | {r['mlp_kept']:.3f} | {r['removed']:.3f} "
+            f"| {r['PubMed']:.2f} | {r['Wikipedia']:.2f} |"
         )
     return "\n".join(lines)
 

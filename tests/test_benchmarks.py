@@ -85,7 +85,7 @@ def test_decision_quality_quick(tmp_path, smollm2, pubmed):
     rows = {r["decision"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     assert len(rows) == 9 and "|---|" in done.stdout
     base = rows["base (nothing removed)"]
-    assert base["removed"] == 0.0 and math.isfinite(base["PubMed"])
+    assert base["removed"] == 0.0 and math.isfinite(base["PubMed"]) and math.isfinite(base["Wikipedia"])
     for name in ("Wanda-sp, both structures", "Wanda-sp, MLP channels only (two-stage's decision)", "random"):
         assert 0.2 - 1e-6 <= rows[name]["removed"] < 0.21, rows[name]  # the budget, up to one rounding block (fp32)
     assert rows["Wanda-sp, MLP channels only (two-stage's decision)"]["kv_heads_kept"] == 1.0
@@ -93,6 +93,7 @@ def test_decision_quality_quick(tmp_path, smollm2, pubmed):
     assert rows["Wanda-sp at random's per-layer counts"]["removed"] == pytest.approx(rows["random"]["removed"])
     # Removing groups costs perplexity; the parts remove less than the whole.
     assert all(r["PubMed"] > base["PubMed"] for n, r in rows.items() if r["removed"] > 0)
+    assert all(r["Wikipedia"] > base["Wikipedia"] for n, r in rows.items() if r["removed"] > 0)
     assert rows["random: its MLP part only"]["removed"] < rows["random"]["removed"]
 
 
