@@ -412,17 +412,26 @@ def format_table(results: list[dict]) -> str:
 
 
 def seed_summary(results: list[dict]) -> str:
+    """Mean, sample standard deviation and range over the seeds at 0.3 of ATP and of the ablation, on both sets."""
     lines = []
     for kind in ("atp", "ablation"):
-        values = [r["PubMed"] for r in results if r["kind"] == kind and r["ratio"] == 0.3]
-        if len(values) >= 2:
-            lines.append(
-                f"| {METHODS[kind]} | {len(values)} | {statistics.mean(values):.2f} | {statistics.stdev(values):.2f} "
-                f"| {min(values):.2f}-{max(values):.2f} |"
+        rows = sorted((r for r in results if r["kind"] == kind and r["ratio"] == 0.3), key=lambda r: r["seed"])
+        if len(rows) < 2:
+            continue
+        cells = []
+        for metric in ("PubMed", "Wikipedia"):
+            values = [r[metric] for r in rows]
+            cells.append(
+                f"{statistics.mean(values):.2f} | {statistics.stdev(values):.2f} | {min(values):.2f}-{max(values):.2f}"
             )
+        seeds = ", ".join(str(r["seed"]) for r in rows)
+        lines.append(f"| {METHODS[kind]} | {seeds} | {' | '.join(cells)} |")
     if not lines:
         return ""
-    head = "| seeds at 0.3 | runs | mean PubMed PPL | std | range |\n|---|---|---|---|---|"
+    head = (
+        "| at 0.3 | seeds | mean PubMed PPL | std | range | mean Wikipedia PPL | std | range |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     return head + "\n" + "\n".join(lines)
 
 

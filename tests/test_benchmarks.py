@@ -49,6 +49,23 @@ def test_quality_quick(tmp_path, smollm2, pubmed):
     assert max(pruned) - min(pruned) < 0.01 * base
 
 
+def test_quality_seed_summary_gives_mean_spread_and_range_per_set():
+    from benchmarks.quality import seed_summary
+
+    rows = [
+        {"kind": "atp", "ratio": 0.3, "seed": s, "PubMed": p, "Wikipedia": w}
+        for s, p, w in [(44, 30.0, 50.0), (42, 28.0, 56.0), (43, 29.0, 53.0)]
+    ]
+    rows += [
+        {"kind": "ablation", "ratio": 0.3, "seed": 42, "PubMed": 27.0, "Wikipedia": 55.0},  # one seed: no line
+        {"kind": "atp", "ratio": 0.2, "seed": 43, "PubMed": 20.0, "Wikipedia": 40.0},  # another ratio: left out
+    ]
+    lines = seed_summary(rows).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "| ATP | 42, 43, 44 | 29.00 | 1.00 | 28.00-30.00 | 53.00 | 3.00 | 50.00-56.00 |"
+    assert seed_summary(rows[3:]) == ""
+
+
 def test_export_speed_quick(tmp_path, smollm2, pubmed):
     rows = run_quick("export_speed", tmp_path)
     dense = [r for r in rows if r["layout"].startswith("dense")]
