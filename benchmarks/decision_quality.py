@@ -44,7 +44,9 @@ def top_by_score(scores: torch.Tensor, counts: list[int]) -> list[list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--masks", nargs="*", default=[], help="NAME=PATH of masks files (atp_masks.json)")
+    parser.add_argument(
+        "--masks", nargs="+", action="extend", default=[], help="NAME=PATH of masks files (atp_masks.json), repeatable"
+    )
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calibration-rows", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="1,024 eval tokens, 8 calibration rows (a minute)")
