@@ -28,6 +28,18 @@ def assets() -> tuple[Path, Path]:
     return ensure_smollm2(), ensure_pubmed()
 
 
+def held_out_evals(tokenizer: Any, pubmed: Path, tokens: int) -> dict[str, Any]:
+    """The token streams the quality benchmarks evaluate on: `tokens` held-out PubMed tokens (the domain) and as many
+    Wikipedia tokens (general English, on which nothing is trained or calibrated)."""
+    from devkit.assets import ensure_wikipedia
+    from devkit.evaluation import read_texts, token_stream
+
+    return {
+        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), tokens),
+        "Wikipedia": token_stream(tokenizer, read_texts(ensure_wikipedia() / "articles.jsonl"), tokens),
+    }
+
+
 def pubmed_subset(pubmed: Path, out: Path, rows: int) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join((pubmed / "train.jsonl").read_text().splitlines(keepends=True)[:rows]))

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, assets, dump, record
+from benchmarks.common import ROOT, assets, dump, held_out_evals, record
 
 Kept = dict[str, list[list[int]]]
 
@@ -65,8 +65,7 @@ def main() -> None:
     from axolotl_atp.masks_file import read_masks
     from axolotl_atp.training.importance import wanda_sp_scores
     from benchmarks.static_importance import calibration_batches
-    from devkit.assets import ensure_wikipedia
-    from devkit.evaluation import perplexity, read_texts, token_stream
+    from devkit.evaluation import perplexity
 
     model_dir, pubmed = assets()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -74,11 +73,7 @@ def main() -> None:
     spec = spec_for(model.config.model_type)
     geo = ModelGeometry.from_config(model.config, spec)
     counter = ParameterCounter(geo, slice_refs(spec, geo))
-    evals = {
-        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), args.eval_tokens),
-        # General English, on which nothing here is calibrated: what a decision costs outside the domain.
-        "Wikipedia": token_stream(tokenizer, read_texts(ensure_wikipedia() / "articles.jsonl"), args.eval_tokens),
-    }
+    evals = held_out_evals(tokenizer, pubmed, args.eval_tokens)  # Wikipedia: what a decision costs outside the domain
     # Calibration rows no benchmark trains on (the quality benchmark trains on the first 4,000).
     args.work.mkdir(parents=True, exist_ok=True)
     calibration = args.work / "calibration.jsonl"
@@ -167,8 +162,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     lines = [
         f"SmolLM2-135M base weights (no LoRA, no training) with each decision's groups removed; perplexity on "
-        f"{args.eval_tokens:,} held-out PubMed tokens and as many Wikipedia tokens; Wanda-sp from {args.calibration_rows} PubMed rows that no "
-        f"benchmark trains on. Commit {commit.strip()}. Removed = fraction of the prunable parameters.",
+        f"{args.eval_tokens:,} held-out PubMed tokens and as many Wikipedia tokens; Wanda-sp from "
+        f"{args.calibration_rows} PubMed rows that no benchmark trains on. Commit {commit.strip()}. Removed = fraction "
+        "of the prunable parameters.",
         "",
         "| decision | KV heads kept | MLP channels kept | removed | PubMed PPL | Wikipedia PPL |",
         "|---|---|---|---|---|---|",

@@ -69,7 +69,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, assets, dump, machine, record, run_cli, train
+from benchmarks.common import ROOT, assets, dump, held_out_evals, machine, record, run_cli, train
 from benchmarks.quality import _commit, merged_dense, needs_run, out_of_time, training_facts
 from benchmarks.saved_rows import row_config, save_row
 
@@ -174,9 +174,6 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from devkit.assets import ensure_wikipedia
-    from devkit.evaluation import read_texts, token_stream
-
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     model_dir, pubmed = assets()
@@ -188,12 +185,7 @@ def main() -> None:
     calibration.write_text("".join(lines[PROTOCOL["train_rows"] : PROTOCOL["train_rows"] + 32]))
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    evals = {
-        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), PROTOCOL["eval_tokens"]),
-        "Wikipedia": token_stream(
-            tokenizer, read_texts(ensure_wikipedia() / "articles.jsonl"), PROTOCOL["eval_tokens"]
-        ),
-    }
+    evals = held_out_evals(tokenizer, pubmed, PROTOCOL["eval_tokens"])
     saved: Path = args.rows
     base_path = saved / "base.json"
     if not base_path.is_file():

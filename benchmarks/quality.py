@@ -49,7 +49,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, assets, dump, machine, pubmed_subset, record, run_cli, smollm2_config, train
+from benchmarks.common import (
+    ROOT,
+    assets,
+    dump,
+    held_out_evals,
+    machine,
+    pubmed_subset,
+    record,
+    run_cli,
+    smollm2_config,
+    train,
+)
 from benchmarks.saved_rows import digest, is_current, row_config, row_key, save_row
 
 # train_rows: 200 steps x 4 rows for the long protocol (the calibration split is held out of these).
@@ -207,11 +218,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from devkit.assets import ensure_wikipedia
-    from devkit.evaluation import perplexity, read_texts, token_stream
+    from devkit.evaluation import perplexity
 
     model_dir, pubmed = assets()
-    wiki = ensure_wikipedia()
     train_rows = protocol["train_rows"]
     data = pubmed_subset(pubmed, work / "train.jsonl", train_rows)
     # Calibration rows for the static criterion: PubMed training abstracts that no run trains on.
@@ -220,10 +229,7 @@ def main() -> None:
     calibration.write_text("".join(rows))
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    evals = {
-        "PubMed": token_stream(tokenizer, read_texts(pubmed / "heldout.jsonl"), protocol["eval_tokens"]),
-        "Wikipedia": token_stream(tokenizer, read_texts(wiki / "articles.jsonl"), protocol["eval_tokens"]),
-    }
+    evals = held_out_evals(tokenizer, pubmed, protocol["eval_tokens"])
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = machine()
