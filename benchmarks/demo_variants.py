@@ -12,8 +12,9 @@ one change per row; every pruned model is written by `axolotl atp-merge` and eva
   LoRA steps on the fixed masks with the same distillation (no LoRA-aware forward, no group lasso);
 - `ce-calibration`: the generator's calibration loss is the CE on the labels instead of the KL to the unpruned
   model (`kd_calibration: false`, the default until 2026-11-30);
-- `ablation`: ATP's generator and decision, with the LoRA steps on plain hard masks (no LoRA-aware forward)
-  and no group lasso (measured with CE calibration);
+- `components`: the paper's LoRA-aware forward in the LoRA steps, with the group lasso it resolves to
+  (`lora_aware: true`; the default until 2026-12-07. Until then this row was `ablation`: plain hard masks and no
+  group lasso, with CE calibration, which are now the defaults but for the calibration, i.e. `ce-calibration`);
 - `prior-budget-10`: the importance prior at scale 10, centred on each layer's budget quantile;
 - `prior-mean-10`: the importance prior at scale 10, centred on each layer's mean (MLP channels start, and
   stay near, Wanda-sp's ranking; the generator's KL signal chooses the heads);
@@ -80,10 +81,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "defaults": ("ATP, the demo config", {}),
     "two-stage": ("two-stage (Wanda-sp on MLP channels, then LoRA)", {}),
     "ce-calibration": ("ATP, kd_calibration: false (CE calibration)", {"kd_calibration": False}),
-    "ablation": (
-        "ATP without LoRA-aware forward and group lasso, CE calibration",
-        {"lora_aware": False, "group_lasso": "off", "kd_calibration": False},
-    ),
+    "components": ("ATP, lora_aware: true (and the group lasso it resolves to)", {"lora_aware": True}),
     "prior-budget-10": (
         "ATP, importance_scale 10, importance_centre budget",
         {"importance_scale": 10.0, "importance_centre": "budget"},

@@ -1,5 +1,5 @@
 """Quality of the exported models: ATP against dense LoRA, a two-stage baseline, ATP without distillation,
-the ablation, the uniform layout, and seeds; at a training budget long enough to say something.
+the paper's components, the uniform layout, and seeds; at a training budget long enough to say something.
 
 Every row trains the real SmolLM2-135M on the same PubMed abstracts for the same steps and tokens with
 `axolotl train`; every pruned model is written by `axolotl atp-merge` and evaluated as the exported model
@@ -7,13 +7,16 @@ Every row trains the real SmolLM2-135M on the same PubMed abstracts for the same
 
 Rows (the long protocol: 200 optimizer steps of 4x256 tokens, 204,800 training tokens, per row):
 - base (no training) and dense LoRA;
-- ATP with the defaults (distillation from the base model, linear budget schedule) at 0.2, 0.3, 0.4, 0.5;
+- ATP with the defaults (distillation from the base model, linear budget schedule, plain hard masks in the LoRA
+  steps) at 0.2, 0.3, 0.4, 0.5;
 - ATP without distillation (`kd_weight: 0`) at the same ratios;
 - two-stage: a static Wanda-sp decision over MLP channels (benchmarks/static_importance.py; over both
   structures it removes the wrong KV heads, see benchmarks/decision_quality.py) from calibration rows that are
   not training rows, then LoRA for the same steps on the fixed masks, with the same distillation;
-- the ablation at 0.3 (no LoRA-aware forward, no group lasso), and ATP with `layout: uniform` at 0.3;
-- three seeds of ATP and of the ablation at 0.3.
+- ATP with the paper's components at 0.3 (`lora_aware: true`: the LoRA-aware forward, with the group lasso it
+  resolves to), and at 0.2; the default until 2026-12-07, when three seeds found the two level and the plain step
+  became the default; and ATP with `layout: uniform` at 0.3;
+- three seeds of ATP and of ATP with the components at 0.3.
 
 The run is resumable: each row's result (its figures, a small JSON file) is saved under `--rows`
 (benchmarks/rows/quality-long by default, which is committed: a session's machine is fresh, and its
@@ -81,7 +84,7 @@ METHODS = {
     "atp": "ATP",
     "atp-nokd": "ATP without distillation",
     "two-stage": "two-stage (Wanda-sp on MLP channels, then LoRA)",
-    "ablation": "ablation (no LoRA-aware forward, no group lasso)",
+    "components": "ATP with the LoRA-aware forward and group lasso",
     "atp-uniform": "ATP, uniform layout",
 }
 
@@ -97,10 +100,11 @@ def plan(protocol: dict, quick: bool) -> list[dict[str, Any]]:
     if quick:
         return [row("dense"), row("atp", 0.4), row("two-stage", 0.4)]
     ratios, seeds = protocol["ratios"], protocol["seeds"]
-    rows = [row("dense"), row("atp", 0.3), row("two-stage", 0.3), row("atp-nokd", 0.3), row("ablation", 0.3)]
+    rows = [row("dense"), row("atp", 0.3), row("two-stage", 0.3), row("atp-nokd", 0.3), row("components", 0.3)]
     rows += [row("atp", r) for r in ratios if r != 0.3]
     rows += [row("two-stage", r) for r in ratios if r != 0.3]
-    rows += [row("atp", 0.3, s) for s in seeds[1:]] + [row("ablation", 0.3, s) for s in seeds[1:]]
+    rows += [row("atp", 0.3, s) for s in seeds[1:]] + [row("components", 0.3, s) for s in seeds[1:]]
+    rows += [row("components", 0.2)]
     rows += [row("atp-nokd", r) for r in ratios if r != 0.3]
     rows += [row("atp-uniform", 0.3)]
     return rows
@@ -120,8 +124,8 @@ def atp_block(run: dict, decision: Path | None) -> dict | None:
         block["kd_weight"] = 0.0
     if kind == "atp-uniform":
         block["layout"] = "uniform"
-    if kind in ("two-stage", "ablation"):
-        block.update(lora_aware=False, group_lasso="off")
+    if kind == "components":
+        block["lora_aware"] = True  # and the group lasso it resolves to (`prox`)
     if kind == "two-stage":
         block = {"decision_file": str(decision), "lora_aware": False, "group_lasso": "off", "mlp_round_to": 8}
     return block
@@ -418,9 +422,10 @@ def format_table(results: list[dict]) -> str:
 
 
 def seed_summary(results: list[dict]) -> str:
-    """Mean, sample standard deviation and range over the seeds at 0.3 of ATP and of the ablation, on both sets."""
+    """Mean, sample standard deviation and range over the seeds at 0.3 of ATP and of ATP with the components, on
+    both sets."""
     lines = []
-    for kind in ("atp", "ablation"):
+    for kind in ("atp", "components"):
         rows = sorted((r for r in results if r["kind"] == kind and r["ratio"] == 0.3), key=lambda r: r["seed"])
         if len(rows) < 2:
             continue
@@ -487,7 +492,7 @@ def write_plot(results: list[dict], path: Path) -> Path:
             if r["kind"] in ("base", "dense"):
                 color = "grey" if r["kind"] == "base" else "black"
                 ax.axhline(r[metric], linestyle="--", linewidth=1, color=color, label=f"{r['method']} (unpruned)")
-            elif r["kind"] in ("ablation", "atp-uniform") or (r["kind"] == "atp" and r.get("seed") != 42):
+            elif r["kind"] in ("components", "atp-uniform") or (r["kind"] == "atp" and r.get("seed") != 42):
                 ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['name']}")
         ax.set_xlabel("prune ratio (of prunable parameters)")
         ax.set_ylabel(f"{metric} perplexity (exported model)")

@@ -28,3 +28,13 @@ def test_default_importance_structures_do_not_refuse_a_heads_only_run():
 
     # Only an explicit importance_structures entry that is not pruned is refused (tests/test_config.py).
     assert ATPConfig(prune_ratio=0.3, structures=["attention_heads"]).importance_structures == ["mlp_channels"]
+
+
+def test_default_lora_steps_use_plain_hard_masks_and_the_lora_aware_forward_brings_its_group_lasso():
+    from axolotl_atp.args import ATPConfig
+
+    default = ATPConfig()
+    assert (default.lora_aware, default.group_lasso) == (False, "off")
+    assert ATPConfig(lora_aware=True).group_lasso == "prox"
+    assert ATPConfig(lora_aware=True, group_lasso="loss").group_lasso == "loss"
+    assert ATPConfig(group_lasso="prox").group_lasso == "prox"  # an explicit choice is kept

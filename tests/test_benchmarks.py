@@ -57,7 +57,7 @@ def test_quality_seed_summary_gives_mean_spread_and_range_per_set():
         for s, p, w in [(44, 30.0, 50.0), (42, 28.0, 56.0), (43, 29.0, 53.0)]
     ]
     rows += [
-        {"kind": "ablation", "ratio": 0.3, "seed": 42, "PubMed": 27.0, "Wikipedia": 55.0},  # one seed: no line
+        {"kind": "components", "ratio": 0.3, "seed": 42, "PubMed": 27.0, "Wikipedia": 55.0},  # one seed: no line
         {"kind": "atp", "ratio": 0.2, "seed": 43, "PubMed": 20.0, "Wikipedia": 40.0},  # another ratio: left out
     ]
     lines = seed_summary(rows).splitlines()

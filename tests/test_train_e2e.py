@@ -53,11 +53,12 @@ def test_train_lora_with_accumulation_and_checkpointing(tmp_path, tiny_llama, ti
         gradient_checkpointing=True,
         save_strategy="steps",
         save_steps=3,
-        atp={"prune_ratio": 0.3, "control_steps": 3},
+        # The LoRA-aware forward: its proximal group lasso must still end with exact zeros under accumulation.
+        atp={"prune_ratio": 0.3, "control_steps": 3, "lora_aware": True},
     )
     masks = read_masks(run)
     check_masks_file(masks, 0.3)
-    assert masks["group_lasso"]["pruned_slice_norm"] == 0.0
+    assert masks["group_lasso"] == {"mode": "prox", "pruned_slice_norm": 0.0}
     assert (run / "adapter_model.safetensors").is_file()
     assert (run / "checkpoint-3" / "atp_state.pt").is_file()
     assert "base Linear class Linear)" in log
