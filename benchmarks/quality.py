@@ -368,15 +368,19 @@ def _is_current(path: Path, key: str) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("key") == key
 
 
-def _commit() -> str:
-    """The checkout's commit; AXOLOTL_ATP_COMMIT names it where the tree is a copy without git."""
+def _commit(root: Path = ROOT) -> str:
+    """The checkout's commit, `+uncommitted` where its code differs from it; AXOLOTL_ATP_COMMIT names it where the
+    tree is a copy without git."""
     if os.environ.get("AXOLOTL_ATP_COMMIT"):
         return os.environ["AXOLOTL_ATP_COMMIT"]
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+        # A row trained on uncommitted code says so: HEAD alone would name code that did not run.
+        edited = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "axolotl_atp", "benchmarks/*.py"], cwd=root)
     except OSError:
         return "unknown"
-    return done.stdout.strip() or "unknown"
+    commit = done.stdout.strip() or "unknown"
+    return commit + "+uncommitted" if edited.returncode == 1 else commit
 
 
 def report(results: list[dict], protocol: dict, missing: list[str]) -> str:

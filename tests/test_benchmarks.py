@@ -240,3 +240,21 @@ def test_overhead_step_times_come_from_the_progress_bar():
     elapsed = step_elapsed(log)
     assert elapsed == {0: 0, 1: 37, 2: 51, 3: 61, 4: 3611}
     assert mean_step(elapsed, 1, 3) == 12.0  # steps 2 and 3: the first step's start-up left out
+
+
+def test_a_row_trained_on_uncommitted_code_says_so(tmp_path, monkeypatch):
+    from benchmarks.quality import _commit
+
+    monkeypatch.delenv("AXOLOTL_ATP_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "axolotl_atp").mkdir()
+    (tmp_path / "axolotl_atp" / "args.py").write_text("A = 1\n")
+    (tmp_path / "notes.md").write_text("x\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.md").write_text("y\n")  # not code: the commit still names what runs
+    assert _commit(tmp_path) == head
+    (tmp_path / "axolotl_atp" / "args.py").write_text("A = 2\n")
+    assert _commit(tmp_path) == head + "+uncommitted"
