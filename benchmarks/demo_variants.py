@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, held_out_evals, machine, record, run_cli, train
 from benchmarks.quality import _commit, merged_dense, needs_run, out_of_time, training_facts
-from benchmarks.saved_rows import row_config, save_row
+from benchmarks.saved_rows import is_current, row_config, save_row
 
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
 PROTOCOL = {"steps": 80, "micro_batch_size": 2, "eval_tokens": 8192, "train_rows": 3000}
@@ -195,6 +195,7 @@ def main() -> None:
     for name in args.only or list(VARIANTS):
         if name not in VARIANTS:
             raise SystemExit(f"unknown row {name!r}: one of {', '.join(VARIANTS)}")
+    stale: set[str] = set()  # rows saved with another config (a default changed): not reported until rerun
     for seed in [None, *args.seeds]:
         for name in args.only or list(VARIANTS):
             row = row_name(name, seed)
@@ -215,9 +216,11 @@ def main() -> None:
             path = saved / f"{row}.json"
             if needs_run(path, config, row, started, args.max_minutes):
                 train_row(row, name, cfg, config, path, model_dir, work, evals)
+            if path.is_file() and not is_current(path, config):
+                stale.add(row)
 
     saved_rows = [json.loads(p.read_text())["row"] for p in saved.glob("*.json")]
-    rows = {row["name"]: row for row in saved_rows}
+    rows = {row["name"]: row for row in saved_rows if row["name"] not in stale}
     body = report(rows, expected=args.only or list(VARIANTS))
     print(body)
     if not args.no_record:

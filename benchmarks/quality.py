@@ -273,6 +273,8 @@ def main() -> None:
         config = row_config(cfg, protocol)
         key = row_key(config)
         path = saved / f"{run['name']}.json"
+        if path.is_file() and not is_current(path, config):
+            stale.add(run["name"])  # measured with another config (a default changed): not reported until rerun
         if not needs_run(path, config, run["name"], started, args.max_minutes):
             return
         begun = time.time()
@@ -317,7 +319,9 @@ def main() -> None:
         with lock:
             print(result, flush=True)
             save_row(path, config, result)
+            stale.discard(run["name"])
 
+    stale: set[str] = set()
     todo = [run for run in plan(protocol, args.quick) if not args.only or run["name"] in args.only]
     failed: list[str] = []
     if args.jobs == 1:
@@ -332,11 +336,12 @@ def main() -> None:
                     failed.append(name)
 
     results = [json.loads(p.read_text())["row"] for p in sorted(saved.glob("*.json"))]
+    results = [r for r in results if r["name"] not in stale]
     order = ["base"] + [r["name"] for r in plan(protocol, args.quick)]
     results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     dump(work / "results.json", {"protocol": protocol, "runs": results})
     missing = [r["name"] for r in plan(protocol, args.quick) if r["name"] not in {x["name"] for x in results}]
-    body = report(results, protocol, missing)
+    body = report(results, protocol, missing, stale)
     print(body)
     if failed:
         raise SystemExit(f"rows failed: {', '.join(failed)}")
@@ -383,7 +388,9 @@ def _commit(root: Path = ROOT) -> str:
     return commit + "+uncommitted" if edited.returncode == 1 else commit
 
 
-def report(results: list[dict], protocol: dict, missing: list[str]) -> str:
+def report(results: list[dict], protocol: dict, missing: list[str], stale: set[str] = frozenset()) -> str:
+    """The RESULTS.md section: the table of the rows measured with their current config, the seed summary, the
+    targets, and the rows still to measure (`stale`: saved with an earlier config, so left out of the tables)."""
     steps, mb = protocol["steps"], protocol["micro_batch_size"]
     lines = [
         f"SmolLM2-135M, LoRA r=16 on all seven projections, {steps} optimizer steps of {mb}x256 tokens "
@@ -400,7 +407,8 @@ def report(results: list[dict], protocol: dict, missing: list[str]) -> str:
         lines += ["", seeds]
     lines += ["", format_targets(results)]
     if missing:
-        lines += ["", f"Not yet measured ({len(missing)} rows): {', '.join(missing)}."]
+        names = [name + (" (its saved row is of an earlier config)" if name in stale else "") for name in missing]
+        lines += ["", f"Not yet measured ({len(missing)} rows): {', '.join(names)}."]
     return "\n".join(lines)
 
 

@@ -258,3 +258,31 @@ def test_a_row_trained_on_uncommitted_code_says_so(tmp_path, monkeypatch):
     assert _commit(tmp_path) == head
     (tmp_path / "axolotl_atp" / "args.py").write_text("A = 2\n")
     assert _commit(tmp_path) == head + "+uncommitted"
+
+
+def test_quality_report_lists_a_stale_row_as_not_measured():
+    from benchmarks.quality import LONG, report
+
+    rows = [
+        {
+            "name": "base",
+            "kind": "base",
+            "method": "base",
+            "ratio": 0.0,
+            "params": 10,
+            "PubMed": 21.0,
+            "Wikipedia": 23.0,
+        },
+        {
+            "name": "dense",
+            "kind": "dense",
+            "method": "dense LoRA",
+            "ratio": 0.0,
+            "seed": 42,
+            "params": 10,
+            "PubMed": 17.0,
+            "Wikipedia": 22.0,
+        },
+    ]
+    body = report(rows, LONG, ["atp-nokd-0.3", "atp-0.5"], {"atp-nokd-0.3"})
+    assert "Not yet measured (2 rows): atp-nokd-0.3 (its saved row is of an earlier config), atp-0.5." in body
