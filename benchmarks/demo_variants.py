@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, held_out_evals, machine, record, run_cli, train
 from benchmarks.quality import _commit, merged_dense, needs_run, out_of_time, training_facts
-from benchmarks.saved_rows import is_current, row_config, save_row
+from benchmarks.saved_rows import is_stale, row_config, save_row
 
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
 PROTOCOL = {"steps": 80, "micro_batch_size": 2, "eval_tokens": 8192, "train_rows": 3000}
@@ -216,7 +216,7 @@ def main() -> None:
             path = saved / f"{row}.json"
             if needs_run(path, config, row, started, args.max_minutes):
                 train_row(row, name, cfg, config, path, model_dir, work, evals)
-            if path.is_file() and not is_current(path, config):
+            elif is_stale(path, config):  # not rerun now: its saved figures are of another config
                 stale.add(row)
 
     saved_rows = [json.loads(p.read_text())["row"] for p in saved.glob("*.json")]

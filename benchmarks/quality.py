@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from benchmarks.common import (
     smollm2_config,
     train,
 )
-from benchmarks.saved_rows import digest, is_current, row_config, row_key, save_row
+from benchmarks.saved_rows import digest, is_current, is_stale, row_config, row_key, save_row
 
 # train_rows: 200 steps x 4 rows for the long protocol (the calibration split is held out of these).
 LONG = {
@@ -252,6 +253,8 @@ def main() -> None:
 
     lock = threading.Lock()
 
+    stale: set[str] = set()  # rows saved with another config and not rerun by this invocation
+
     def measure(run: dict) -> None:
         decision = None
         if run["kind"] == "two-stage":
@@ -273,9 +276,9 @@ def main() -> None:
         config = row_config(cfg, protocol)
         key = row_key(config)
         path = saved / f"{run['name']}.json"
-        if path.is_file() and not is_current(path, config):
-            stale.add(run["name"])  # measured with another config (a default changed): not reported until rerun
         if not needs_run(path, config, run["name"], started, args.max_minutes):
+            if is_stale(path, config):  # not rerun now: its saved figures are of another config
+                stale.add(run["name"])
             return
         begun = time.time()
         commit = _commit()  # the code that trains the row (a commit made while it trains is not)
@@ -319,9 +322,7 @@ def main() -> None:
         with lock:
             print(result, flush=True)
             save_row(path, config, result)
-            stale.discard(run["name"])
 
-    stale: set[str] = set()
     todo = [run for run in plan(protocol, args.quick) if not args.only or run["name"] in args.only]
     failed: list[str] = []
     if args.jobs == 1:
@@ -388,7 +389,7 @@ def _commit(root: Path = ROOT) -> str:
     return commit + "+uncommitted" if edited.returncode == 1 else commit
 
 
-def report(results: list[dict], protocol: dict, missing: list[str], stale: set[str] = frozenset()) -> str:
+def report(results: list[dict], protocol: dict, missing: list[str], stale: Collection[str] = ()) -> str:
     """The RESULTS.md section: the table of the rows measured with their current config, the seed summary, the
     targets, and the rows still to measure (`stale`: saved with an earlier config, so left out of the tables)."""
     steps, mb = protocol["steps"], protocol["micro_batch_size"]

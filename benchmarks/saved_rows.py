@@ -71,6 +71,12 @@ def is_current(path: Path, config: dict) -> bool:
     return "config" in saved and same_up_to_new_defaults(saved["config"], config)
 
 
+def is_stale(path: Path, config: dict) -> bool:
+    """Whether a row is saved at `path` but was measured with another config (a default changed since): its figures
+    are not `config`'s, so a report leaves it out until it is rerun."""
+    return path.is_file() and not is_current(path, config)
+
+
 def same_up_to_new_defaults(saved: dict, current: dict) -> bool:
     """`current` equals `saved`, except for `atp:` keys absent from `saved` that `current` has at their default."""
     from axolotl_atp.args import ATPConfig

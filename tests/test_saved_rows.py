@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.saved_rows import is_current, row_config, row_key, save_row  # noqa: E402
+from benchmarks.saved_rows import is_current, is_stale, row_config, row_key, save_row  # noqa: E402
 
 PROTOCOL = {"steps": 200, "micro_batch_size": 4, "eval_tokens": 8192, "train_rows": 4000, "ratios": [0.3]}
 
@@ -29,6 +29,14 @@ def test_a_row_is_current_for_its_config_wherever_its_work_folder_lies(tmp_path)
     assert is_current(path, config(out="/elsewhere"))  # paths do not decide a result
     assert not is_current(path, config(kd_weight=0.0))  # an option changed
     assert not is_current(path, {**config(), "protocol": {**config()["protocol"], "steps": 100}})
+
+
+def test_a_row_is_stale_only_when_saved_with_another_config(tmp_path):
+    path = tmp_path / "atp-0.3.json"
+    assert not is_stale(path, config())  # missing: not measured, not stale
+    save_row(path, config(), {"PubMed": 20.0})
+    assert not is_stale(path, config())
+    assert is_stale(path, config(kd_weight=0.0))
 
 
 def test_an_option_added_since_at_its_default_keeps_the_row_and_at_another_value_does_not(tmp_path):
