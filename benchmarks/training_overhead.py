@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, assets, dump, pubmed_subset, record, smollm2_config, train
 
-# Variants of the default ATP block (distillation from the base model, group_lasso prox), LoRA only.
+# Variants of the default ATP block (distillation from the base model, plain hard masks in the LoRA step), LoRA only.
 LORA_MODES: dict[str, dict] = {
     "nokd": {"kd_weight": 0.0},
     "interval2": {"generator_interval": 2},
@@ -142,8 +142,8 @@ def main() -> None:
             "(CPU runs have no GPU memory to report). Per-step times are means over one phase's steps, from the progress "
             "bar (1 s resolution, so about 1% here); the first step, with the run's one-off start (for ATP: the "
             "importance prior's calibration forwards and the teacher's set-up), is its own column. ATP runs with its defaults "
-            "(distillation from the base model: one teacher forward per micro-batch; the importance prior; group_lasso "
-            "prox) unless the row names a change. A control-phase step adds a generator step (a forward and backward "
+            "(distillation from the base model: one teacher forward per micro-batch; the importance prior; the LoRA step "
+            "through plain hard masks, no group lasso) unless the row names a change. A control-phase step adds a generator step (a forward and backward "
             "pass over a calibration batch the size of a micro-batch, plus its teacher forward when `kd_calibration` "
             "is on); `generator_interval: 2` runs it every second step.\n\n" + table
         )
