@@ -123,6 +123,13 @@ class ATPConfig(BaseModel):
         "Gumbel sample, as in the paper) or `decision` (the generator's noise-free decision after its update: the "
         "noise explores for the generator only, and the LoRA trains on masks that change only as the decision does).",
     )
+    freeze_channels: Literal["generator", "importance"] = Field(
+        default="generator",
+        description="Which MLP channels each layer keeps when the masks freeze: the generator's highest-scoring "
+        "(`generator`, the paper's), or the highest Wanda-sp importance, the prior's, at the generator's count for "
+        "that layer (`importance`). The KV heads and every layer's width stay the generator's. Needs the "
+        "importance prior on MLP channels (`generator_init: importance`, `mlp_channels` in importance_structures).",
+    )
     anneal_noise: bool = Field(
         default=True,
         description="Decay the Gumbel noise to 0 over the control steps after the ramp, so that the generator's "
@@ -235,6 +242,32 @@ class ATPConfig(BaseModel):
                 f"atp.importance_structures lists {unpruned}, which atp.structures ({self.structures}) does not "
                 "prune: no prior would be applied to it. Fix: remove it from atp.importance_structures, or add it "
                 "to atp.structures."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def check_freeze_channels_has_importance(self) -> ATPConfig:
+        if self.freeze_channels != "importance":
+            return self
+        if self.decision_file is not None:
+            raise ValueError(
+                "atp.freeze_channels = 'importance' has no effect with atp.decision_file (a fixed decision, no "
+                "freeze). Fix: remove one of them."
+            )
+        missing = [
+            f"{key} = {value!r}"
+            for key, value, ok in (
+                ("generator_init", self.generator_init, self.generator_init == "importance"),
+                ("structures", self.structures, "mlp_channels" in self.structures),
+                ("importance_structures", self.importance_structures, "mlp_channels" in self.importance_structures),
+            )
+            if not ok
+        ]
+        if missing:
+            raise ValueError(
+                f"atp.freeze_channels = 'importance' ranks MLP channels by the importance prior, but atp."
+                f"{', atp.'.join(missing)}. Fix: set generator_init: importance and list mlp_channels in "
+                "structures and importance_structures, or remove atp.freeze_channels."
             )
         return self
 

@@ -163,6 +163,18 @@ def freeze_decision(
     return Decision(kept=kept, geo=geo, notes=notes)
 
 
+def rechoose_within_layers(decision: Decision, structure: str, scores: torch.Tensor) -> Decision:
+    """`decision` with each layer of `structure` keeping its highest-`scores` groups ([layers, groups]; higher = more
+    important), as many as the decision keeps there: the per-layer counts, and so the budget, the rounding and the
+    other structures, are unchanged (`freeze_channels: importance`)."""
+    layers = []
+    for layer, kept in enumerate(decision.kept[structure]):
+        order = torch.sort(scores[layer].detach().float().cpu(), descending=True, stable=True).indices
+        layers.append(sorted(order[: len(kept)].tolist()))
+    notes = [*decision.notes, f"{structure}: each layer keeps its highest-importance groups at the decision's count"]
+    return Decision(kept={**decision.kept, structure: layers}, geo=decision.geo, notes=notes)
+
+
 def budget_split(masks: Masks, counter: ParameterCounter, prune_ratio: float) -> dict[str, float] | None:
     """`structure_targets` for a freeze that lands near `masks` (the hard masks last trained with): the budget's
     gap to what `masks` keep is shared among the structures as `masks` already share the removal (a structure the

@@ -87,6 +87,7 @@ METHODS = {
     "two-stage": "two-stage (Wanda-sp on MLP channels, then LoRA)",
     "components": "ATP with the LoRA-aware forward and group lasso",
     "atp-uniform": "ATP, uniform layout",
+    "atp-channels": "ATP, Wanda-sp channels within each layer at the freeze",
 }
 
 
@@ -108,6 +109,9 @@ def plan(protocol: dict, quick: bool) -> list[dict[str, Any]]:
     rows += [row("components", 0.2)]
     rows += [row("atp-nokd", r) for r in ratios if r != 0.3]
     rows += [row("atp-uniform", 0.3)]
+    # Beyond the rows: the generator's per-layer widths and KV heads with Wanda-sp's channels within each
+    # layer (`freeze_channels: importance`), which won zero-shot (RESULTS.md, Decision quality at 0.3).
+    rows += [row("atp-channels", 0.3)]
     return rows
 
 
@@ -125,6 +129,8 @@ def atp_block(run: dict, decision: Path | None) -> dict | None:
         block["kd_weight"] = 0.0
     if kind == "atp-uniform":
         block["layout"] = "uniform"
+    if kind == "atp-channels":
+        block["freeze_channels"] = "importance"
     if kind == "components":
         block["lora_aware"] = True  # and the group lasso it resolves to (`prox`)
     if kind == "two-stage":
@@ -505,7 +511,9 @@ def write_plot(results: list[dict], path: Path) -> Path:
             if r["kind"] in ("base", "dense"):
                 color = "grey" if r["kind"] == "base" else "black"
                 ax.axhline(r[metric], linestyle="--", linewidth=1, color=color, label=f"{r['method']} (unpruned)")
-            elif r["kind"] in ("components", "atp-uniform") or (r["kind"] == "atp" and r.get("seed") != 42):
+            elif r["kind"] in ("components", "atp-uniform", "atp-channels") or (
+                r["kind"] == "atp" and r.get("seed") != 42
+            ):
                 ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['name']}")
         ax.set_xlabel("prune ratio (of prunable parameters)")
         ax.set_ylabel(f"{metric} perplexity (exported model)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from axolotl_atp.args import AXOLOTL_CONFIG_RULES, check_axolotl_config
@@ -38,3 +40,23 @@ def test_default_lora_steps_use_plain_hard_masks_and_the_lora_aware_forward_brin
     assert ATPConfig(lora_aware=True).group_lasso == "prox"
     assert ATPConfig(lora_aware=True, group_lasso="loss").group_lasso == "loss"
     assert ATPConfig(group_lasso="prox").group_lasso == "prox"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"generator_init": "random"}, "generator_init = 'random'"),
+        ({"structures": ["attention_heads"]}, "structures = ['attention_heads']"),
+        ({"importance_structures": ["attention_heads"]}, "importance_structures = ['attention_heads']"),
+    ],
+)
+def test_freeze_channels_importance_needs_the_importance_prior_on_mlp_channels(extra, named):
+    from pydantic import ValidationError
+
+    from axolotl_atp.args import ATPConfig
+
+    assert ATPConfig(freeze_channels="importance").freeze_channels == "importance"
+    with pytest.raises(
+        ValidationError, match=rf"freeze_channels = 'importance'.*atp\.{re.escape(named)}.*Fix: set generator_init"
+    ):
+        ATPConfig(freeze_channels="importance", **extra)

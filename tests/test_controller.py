@@ -169,3 +169,33 @@ def test_control_masks_are_the_sample_or_the_noise_free_decision(control_masks):
         differs_from_decision |= not same
     # At offset 0 half the groups sit at the threshold: the noisy sample is not the decision.
     assert differs_from_decision == (control_masks == "sample")
+
+
+def test_freeze_channels_importance_keeps_the_generators_widths_and_heads_and_the_priors_channels():
+    """Two runs alike but for `freeze_channels`: the same KV heads and per-layer MLP widths at the freeze; with
+    `importance` each layer keeps its channels of highest importance (the prior), and the LoRA steps train with them."""
+    peft_model = lora_model("llama")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    importance = torch.randn(2, 96, generator=torch.Generator().manual_seed(1))
+    frozen = {}
+    for choice in ("generator", "importance"):
+        model = copy.deepcopy(peft_model)
+        cfg = ATPConfig(prune_ratio=0.4, control_steps=3, freeze_channels=choice)
+        ctl = ATPController(model, cfg, total_steps=6, peak_lr=1e-3, seed=0)
+        assert ctl.geo.num_layers == 2 and ctl.geo.num_groups(MLP) == 96
+        ctl.set_importance_prior({MLP: importance})
+
+        def calibration_loss(model=model):
+            return model(input_ids=ids, labels=ids).loss
+
+        for step in range(4):
+            ctl.begin_step(step, calibration_loss)
+        frozen[choice] = ctl
+    by_generator, by_importance = frozen["generator"].decision, frozen["importance"].decision
+    assert by_importance.counts() == by_generator.counts()
+    assert by_importance.kept[HEADS] == by_generator.kept[HEADS]
+    for layer, kept in enumerate(by_importance.kept[MLP]):
+        assert kept == sorted(torch.argsort(importance[layer], descending=True, stable=True)[: len(kept)].tolist())
+    assert by_importance.kept[MLP] != by_generator.kept[MLP]
+    # The LoRA steps after the freeze train with the rechosen channels, and the export writes them.
+    assert torch.equal(frozen["importance"].hard_masks[MLP], by_importance.masks()[MLP])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_atp.decision import budget_split, freeze_decision, stock_config_accepts_heads
+from axolotl_atp.decision import budget_split, freeze_decision, rechoose_within_layers, stock_config_accepts_heads
 from axolotl_atp.groups import HEADS, MLP, ParameterCounter, slice_refs
 from tests.tiny_models import geometry, tiny
 
@@ -91,3 +91,23 @@ def test_the_budget_split_shares_the_gap_as_the_last_masks_share_the_removal():
         assert (full[HEADS] - removed[HEADS] - split[HEADS]) / (full[MLP] - removed[MLP] - split[MLP]) == (
             pytest.approx(removed[HEADS] / removed[MLP])
         )
+
+
+def test_rechoosing_within_layers_keeps_each_layers_count_and_takes_the_top_scores():
+    """`freeze_channels: importance`: the generator's decision sets each layer's width; the importance chooses which
+    channels fill it. The other structure is left as it was."""
+    model = tiny("llama", num_hidden_layers=3)
+    spec, geo = geometry(model)
+    counter = ParameterCounter(geo, slice_refs(spec, geo))
+    g = torch.Generator().manual_seed(1)
+    scores = {s: torch.randn(geo.num_layers, geo.num_groups(s), generator=g) for s in (HEADS, MLP)}
+    decision = freeze_decision(scores, geo, counter, 0.3, "per_layer", {HEADS: 1, MLP: 8}, {HEADS: 1, MLP: 8})
+    importance = torch.randn(geo.num_layers, geo.num_groups(MLP), generator=g)
+    rechosen = rechoose_within_layers(decision, MLP, importance)
+    assert rechosen.counts() == decision.counts()
+    assert rechosen.kept[HEADS] == decision.kept[HEADS]
+    for layer, kept in enumerate(rechosen.kept[MLP]):
+        dropped = sorted(set(range(geo.num_groups(MLP))) - set(kept))
+        if dropped:
+            assert importance[layer, kept].min() > importance[layer, dropped].max()
+    assert rechosen.kept[MLP] != decision.kept[MLP]  # random scores: the two choices differ

@@ -22,7 +22,13 @@ from torch import nn
 from axolotl_atp.architectures import spec_for
 from axolotl_atp.args import ATPConfig
 from axolotl_atp.bnb_cpu import keep_4bit_layout_on_cpu
-from axolotl_atp.decision import Decision, budget_split, freeze_decision, stock_config_accepts_heads
+from axolotl_atp.decision import (
+    Decision,
+    budget_split,
+    freeze_decision,
+    rechoose_within_layers,
+    stock_config_accepts_heads,
+)
 from axolotl_atp.groups import HEADS, MLP, Masks, ModelGeometry, ParameterCounter, slice_refs
 from axolotl_atp.masking import MaskedModel, MaskMode
 from axolotl_atp.masks_file import MasksFileError, read_masks
@@ -276,6 +282,8 @@ class ATPController:
             accept_heads=stock_config_accepts_heads(self.geo) if cfg.layout == "uniform" else None,
             structure_targets=budget_split(self.hard_masks, self.counter, cfg.prune_ratio),
         )
+        if cfg.freeze_channels == "importance":  # the prior is the importance, less a per-layer constant
+            self.decision = rechoose_within_layers(self.decision, MLP, self.generator.prior()[MLP])
         frozen = self.decision.masks(self.device)
         distributed.check_same([frozen[s] for s in self.structures], "frozen decision", "at the freeze")
         self.flips_at_freeze = self._replace_hard_masks(frozen)
