@@ -88,6 +88,7 @@ METHODS = {
     "components": "ATP with the LoRA-aware forward and group lasso",
     "atp-uniform": "ATP, uniform layout",
     "atp-channels": "ATP, Wanda-sp channels within each layer at the freeze",
+    "atp-short-control": "ATP, masks frozen after 50 steps (control_steps: 50)",
 }
 
 
@@ -112,6 +113,9 @@ def plan(protocol: dict, quick: bool) -> list[dict[str, Any]]:
     # Beyond the rows: the generator's per-layer widths and KV heads with Wanda-sp's channels within each
     # layer (`freeze_channels: importance`), which won zero-shot (RESULTS.md, Decision quality at 0.3).
     rows += [row("atp-channels", 0.3)]
+    # Decisions this different all export within 28.3-28.8 at 0.3 after training: does a shorter control phase,
+    # leaving 150 of the 200 LoRA steps on the final masks, recover more?
+    rows += [row("atp-short-control", 0.3)]
     return rows
 
 
@@ -131,6 +135,8 @@ def atp_block(run: dict, decision: Path | None) -> dict | None:
         block["layout"] = "uniform"
     if kind == "atp-channels":
         block["freeze_channels"] = "importance"
+    if kind == "atp-short-control":
+        block["control_steps"] = 50
     if kind == "components":
         block["lora_aware"] = True  # and the group lasso it resolves to (`prox`)
     if kind == "two-stage":
@@ -511,7 +517,7 @@ def write_plot(results: list[dict], path: Path) -> Path:
             if r["kind"] in ("base", "dense"):
                 color = "grey" if r["kind"] == "base" else "black"
                 ax.axhline(r[metric], linestyle="--", linewidth=1, color=color, label=f"{r['method']} (unpruned)")
-            elif r["kind"] in ("components", "atp-uniform", "atp-channels") or (
+            elif r["kind"] in ("components", "atp-uniform", "atp-channels", "atp-short-control") or (
                 r["kind"] == "atp" and r.get("seed") != 42
             ):
                 ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['name']}")
