@@ -90,11 +90,22 @@ METHODS = {
     "atp-channels": "ATP, Wanda-sp channels within each layer at the freeze",
     "atp-short-control": "ATP, masks frozen after 50 steps (control_steps: 50)",
 }
+# Each kind with a generator: its change to the protocol's `atp:` block.
+ATP_KIND_OPTIONS: dict[str, dict[str, Any]] = {
+    "atp": {},
+    "atp-nokd": {"kd_weight": 0.0},
+    "components": {"lora_aware": True},  # and the group lasso it resolves to (`prox`)
+    "atp-uniform": {"layout": "uniform"},
+    "atp-channels": {"freeze_channels": "importance"},
+    "atp-short-control": {"control_steps": 50},
+}
+# The kinds the plot draws as lines over the ratios (seed 42); the other rows are single points.
+LINE_KINDS = ("atp", "atp-nokd", "two-stage")
 
 
 def row(kind: str, ratio: float = 0.0, seed: int = 42) -> dict[str, Any]:
     name = kind if kind == "dense" else f"{kind}-{ratio}" + (f"-s{seed}" if seed != 42 else "")
-    layout = "uniform" if kind == "atp-uniform" else "per_layer" if kind != "dense" else "-"
+    layout = "-" if kind == "dense" else ATP_KIND_OPTIONS.get(kind, {}).get("layout", "per_layer")
     return {"name": name, "kind": kind, "method": METHODS[kind], "ratio": ratio, "seed": seed, "layout": layout}
 
 
@@ -123,25 +134,10 @@ def atp_block(run: dict, decision: Path | None) -> dict | None:
     kind = run["kind"]
     if kind == "dense":
         return None
-    block: dict[str, Any] = {
-        "prune_ratio": run["ratio"],
-        "mlp_round_to": 8,
-        "calibration_size": 64,
-        "seed": run["seed"],
-    }
-    if kind == "atp-nokd":
-        block["kd_weight"] = 0.0
-    if kind == "atp-uniform":
-        block["layout"] = "uniform"
-    if kind == "atp-channels":
-        block["freeze_channels"] = "importance"
-    if kind == "atp-short-control":
-        block["control_steps"] = 50
-    if kind == "components":
-        block["lora_aware"] = True  # and the group lasso it resolves to (`prox`)
     if kind == "two-stage":
-        block = {"decision_file": str(decision), "lora_aware": False, "group_lasso": "off", "mlp_round_to": 8}
-    return block
+        return {"decision_file": str(decision), "lora_aware": False, "group_lasso": "off", "mlp_round_to": 8}
+    block = {"prune_ratio": run["ratio"], "mlp_round_to": 8, "calibration_size": 64, "seed": run["seed"]}
+    return block | ATP_KIND_OPTIONS[kind]
 
 
 def run_config(
@@ -509,7 +505,7 @@ def write_plot(results: list[dict], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("PubMed", "Wikipedia"), strict=True):
-        for kind, marker in (("atp", "o"), ("atp-nokd", "^"), ("two-stage", "s")):
+        for kind, marker in zip(LINE_KINDS, ("o", "^", "s"), strict=True):
             pts = sorted((r["ratio"], r[metric]) for r in results if r["kind"] == kind and r.get("seed") == 42)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=marker, label=METHODS[kind])
@@ -517,9 +513,7 @@ def write_plot(results: list[dict], path: Path) -> Path:
             if r["kind"] in ("base", "dense"):
                 color = "grey" if r["kind"] == "base" else "black"
                 ax.axhline(r[metric], linestyle="--", linewidth=1, color=color, label=f"{r['method']} (unpruned)")
-            elif r["kind"] in ("components", "atp-uniform", "atp-channels", "atp-short-control") or (
-                r["kind"] == "atp" and r.get("seed") != 42
-            ):
+            elif r["kind"] not in LINE_KINDS or r.get("seed") != 42:
                 ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['name']}")
         ax.set_xlabel("prune ratio (of prunable parameters)")
         ax.set_ylabel(f"{metric} perplexity (exported model)")
