@@ -65,7 +65,7 @@ from benchmarks.common import (
     smollm2_config,
     train,
 )
-from benchmarks.saved_rows import digest, is_current, is_stale, row_config, row_key, save_row
+from benchmarks.saved_rows import is_current, is_stale, row_config, row_key, save_row
 
 # train_rows: 200 steps x 4 rows for the long protocol (the calibration split is held out of these).
 LONG = {
@@ -253,11 +253,11 @@ def main() -> None:
 
     saved = args.rows or (work / "rows" if args.quick else ROOT / "benchmarks" / "rows" / "quality-long")
     base_path = saved / "base.json"
-    base_key = digest(json.dumps({"eval_tokens": protocol["eval_tokens"]}))
-    if not _is_current(base_path, base_key):
+    base_config = {"eval_tokens": protocol["eval_tokens"]}  # the base model is only evaluated
+    if not is_current(base_path, base_config):
         base = {"name": "base", "kind": "base", "method": "base (no training)", "ratio": 0.0, "seed": None}
         base.update(layout="-", **evaluate(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)))
-        dump(base_path, {"key": base_key, "row": base})
+        save_row(base_path, base_config, base)
 
     lock = threading.Lock()
 
@@ -376,10 +376,6 @@ def out_of_time(name: str, started: float, max_minutes: float | None) -> bool:
         print(f"not starting {name}: --max-minutes {max_minutes} reached", flush=True)
         return True
     return False
-
-
-def _is_current(path: Path, key: str) -> bool:
-    return path.is_file() and json.loads(path.read_text()).get("key") == key
 
 
 def _commit(root: Path = ROOT) -> str:

@@ -60,7 +60,8 @@ def save_row(path: Path, config: dict, row: dict) -> None:
 
 
 def is_current(path: Path, config: dict) -> bool:
-    """Whether the row saved at `path` was measured with `config` (see the module docstring)."""
+    """Whether the row saved at `path` was measured with `config` (see the module docstring). A config without a
+    training config (`cfg`), such as the base model's, which is only evaluated, is current by its key alone."""
     if not path.is_file():
         return False
     saved = json.loads(path.read_text())
@@ -68,7 +69,8 @@ def is_current(path: Path, config: dict) -> bool:
         if "config" not in saved:  # a row saved before the config was stored
             dump(path, {**saved, "config": config})
         return True
-    return "config" in saved and same_up_to_new_defaults(saved["config"], config)
+    trained = "config" in saved and "cfg" in saved["config"] and "cfg" in config
+    return trained and same_up_to_new_defaults(saved["config"], config)
 
 
 def is_stale(path: Path, config: dict) -> bool:

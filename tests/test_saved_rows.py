@@ -56,3 +56,11 @@ def test_a_row_saved_with_its_key_only_gets_its_config_when_the_key_matches(tmp_
     assert "config" not in json.loads(path.read_text())
     assert is_current(path, config())
     assert json.loads(path.read_text())["config"] == config()
+
+
+def test_an_evaluation_only_row_is_current_by_its_key_alone(tmp_path):
+    path = tmp_path / "base.json"
+    save_row(path, {"eval_tokens": 1000}, {"PubMed": 21.0})
+    assert is_current(path, {"eval_tokens": 1000})
+    assert not is_current(path, {"eval_tokens": 2000})
+    assert not is_current(path, config())  # a trained row's config never matches an evaluation-only row
