@@ -46,9 +46,8 @@ class ATPConfig(BaseModel):
     layout: Literal["per_layer", "uniform"] = Field(
         default="per_layer",
         description="`per_layer`: kept widths differ per layer (better accuracy; export loads with "
-        "trust_remote_code). `uniform`: the same kept counts in every layer (export is a stock config); on "
-        "SmolLM2 at 0.3 (long protocol, one seed) it exported 34.01 held-out PubMed perplexity against 28.27 per "
-        "layer, about what `per_layer` gives at 0.4.",
+        "trust_remote_code). `uniform`: the same kept counts in every layer (export is a stock config; worse "
+        "perplexity at the same ratio, see the README's quality findings).",
     )
     control_steps: int | None = Field(
         default=None,
