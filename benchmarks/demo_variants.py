@@ -70,9 +70,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, assets, dump, held_out_evals, machine, record, run_cli, train
+from benchmarks.common import ROOT, assets, held_out_evals, machine, record, run_cli, train
 from benchmarks.quality import _commit, merged_dense, needs_run, out_of_time, training_facts
-from benchmarks.saved_rows import is_stale, row_config, save_row
+from benchmarks.saved_rows import is_current, is_stale, row_config, save_row
 
 EXAMPLE = ROOT / "example_ymls" / "smollm2-135m-pubmed-cpu.yml"
 PROTOCOL = {"steps": 80, "micro_batch_size": 2, "eval_tokens": 8192, "train_rows": 3000}
@@ -186,11 +186,10 @@ def main() -> None:
     evals = held_out_evals(tokenizer, pubmed, PROTOCOL["eval_tokens"])
     saved: Path = args.rows
     base_path = saved / "base.json"
-    if not base_path.is_file():
+    base_config = {"eval_tokens": PROTOCOL["eval_tokens"]}  # the base model is only evaluated
+    if not is_current(base_path, base_config):
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        dump(
-            base_path, {"key": "base", "row": {"name": "base", "method": "base (no training)", **evaluate(base, evals)}}
-        )
+        save_row(base_path, base_config, {"name": "base", "method": "base (no training)", **evaluate(base, evals)})
 
     for name in args.only or list(VARIANTS):
         if name not in VARIANTS:
