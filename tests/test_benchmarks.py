@@ -60,10 +60,15 @@ def test_quality_seed_summary_gives_mean_spread_and_range_per_set():
         {"kind": "components", "ratio": 0.3, "seed": 42, "PubMed": 27.0, "Wikipedia": 55.0},  # one seed: no line
         {"kind": "atp", "ratio": 0.2, "seed": 43, "PubMed": 20.0, "Wikipedia": 40.0},  # another ratio: left out
     ]
+    rows += [
+        {"kind": "atp-short-control", "ratio": 0.3, "seed": s, "PubMed": p, "Wikipedia": w}
+        for s, p, w in [(43, 27.0, 58.0), (42, 28.0, 60.0)]
+    ]
     lines = seed_summary(rows).splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[2] == "| ATP | 42, 43, 44 | 29.00 | 1.00 | 28.00-30.00 | 53.00 | 3.00 | 50.00-56.00 |"
-    assert seed_summary(rows[3:]) == ""
+    assert lines[3].startswith("| ATP, masks frozen after 50 steps (control_steps: 50) | 42, 43 | 27.50 | 0.71 |")
+    assert seed_summary(rows[3:5]) == ""
 
 
 def test_export_speed_quick(tmp_path, smollm2, pubmed):
