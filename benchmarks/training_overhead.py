@@ -7,7 +7,7 @@ steps 3..N, the plain run's steps 2..N. The first step of a run and the freeze s
 one-off work at the start (the importance prior's calibration forwards, the teacher's set-up) and the freeze's
 decision are not spread over the steps; the start's cost is reported on its own.
 
-    python benchmarks/training_overhead.py [--quick] [--reuse] [--lora-defaults]
+    python benchmarks/training_overhead.py [--quick] [--reuse] [--lora-defaults [--modes MODE ...]]
 """
 
 from __future__ import annotations
@@ -62,7 +62,16 @@ def main() -> None:
         action="store_true",
         help="only plain LoRA and LoRA ATP with its defaults (three runs), recorded in a section of its own",
     )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(LORA_MODES),
+        default=[],
+        help="with --lora-defaults: also these LoRA variants of the ATP block (two runs each), side by side",
+    )
     args = parser.parse_args()
+    if args.modes and not args.lora_defaults:
+        parser.error("--modes goes with --lora-defaults (without it every mode runs)")
     steps = 6 if args.quick else 12
     shape = {"micro_batch_size": 2, "sequence_len": 128 if args.quick else 256}
     model, pubmed = assets()
@@ -79,8 +88,10 @@ def main() -> None:
             "atp_control": {**atp, "control_steps": steps - 1},
             "atp_frozen": {**atp, "control_steps": 1},
         }
-        if adapter == "lora" and not args.lora_defaults:
-            for mode, extra_atp in LORA_MODES.items():
+        if adapter == "lora":
+            modes = args.modes if args.lora_defaults else list(LORA_MODES)
+            for mode in modes:
+                extra_atp = LORA_MODES[mode]
                 plans[f"atp_control_{mode}"] = {**atp, **extra_atp, "control_steps": steps - 1}
                 plans[f"atp_frozen_{mode}"] = {**atp, **extra_atp, "control_steps": 1}
         for name, plan in plans.items():
@@ -135,12 +146,15 @@ def main() -> None:
     print(table)
     dump(work / "results.json", {"steps": steps, "runs": runs, "summary": summary})
     if not args.no_record:
+        resolution_base = min(runs[f"{adapter}_plain"]["step_s"] for adapter, _ in variants)
         mode = ("quick" if args.quick else "full") + (", LoRA defaults" if args.lora_defaults else "")
         body = (
             f"{steps} optimizer steps per run (2x{shape['sequence_len']} tokens per step), LoRA r=16 on all "
             "seven projections, prune_ratio 0.4, CPU fp32. Peak RSS is the training process's resident memory "
             "(CPU runs have no GPU memory to report). Per-step times are means over one phase's steps, from the progress "
-            "bar (1 s resolution, so about 1% here); the first step, with the run's one-off start (for ATP: the "
+            f"bar (1 s resolution: over a phase's {steps - 2}-{steps - 1} steps about +-{1 / (steps - 2):.2f} s a "
+            f"step, {100 / (steps - 2) / resolution_base:.0f}% of the plain step here); the first step, with the "
+            "run's one-off start (for ATP: the "
             "importance prior's calibration forwards and the teacher's set-up), is its own column. ATP runs with its defaults "
             "(distillation from the base model: one teacher forward per micro-batch; the importance prior; the LoRA step "
             "through plain hard masks, no group lasso) unless the row names a change. A control-phase step adds a generator step (a forward and backward "
@@ -151,7 +165,8 @@ def main() -> None:
             f"Training overhead ({mode})",
             body,
             f"python benchmarks/training_overhead.py{' --quick' if args.quick else ''}"
-            f"{' --lora-defaults' if args.lora_defaults else ''}",
+            f"{' --lora-defaults' if args.lora_defaults else ''}"
+            f"{' --modes ' + ' '.join(args.modes) if args.modes else ''}",
         )
 
 

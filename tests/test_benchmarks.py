@@ -247,6 +247,17 @@ def test_overhead_step_times_come_from_the_progress_bar():
     assert mean_step(elapsed, 1, 3) == 12.0  # steps 2 and 3: the first step's start-up left out
 
 
+def test_overhead_modes_need_the_lora_defaults_section(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import training_overhead
+
+    monkeypatch.setattr(sys, "argv", ["training_overhead.py", "--modes", "lean"])
+    with pytest.raises(SystemExit) as exited:
+        training_overhead.main()  # refused before any asset is loaded or any run trains
+    assert exited.value.code == 2
+    assert "--modes goes with --lora-defaults" in capsys.readouterr().err
+
+
 def test_a_row_trained_on_uncommitted_code_says_so(tmp_path, monkeypatch):
     from benchmarks.quality import _commit
 
