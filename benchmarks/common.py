@@ -46,6 +46,38 @@ def pubmed_subset(pubmed: Path, out: Path, rows: int) -> Path:
     return out
 
 
+def wikipedia_passages(tokenizer: Any, out: Path, rows: int, eval_tokens: int, chars: int = 1000) -> Path:
+    """`rows` training passages of general English: consecutive paragraphs of Wikipedia articles joined up to about
+    `chars` characters, from the articles after those the `eval_tokens`-token held-out Wikipedia stream
+    (`held_out_evals`) reads, so that nothing evaluated is trained on."""
+    from devkit.assets import ensure_wikipedia
+    from devkit.evaluation import read_texts
+
+    articles = read_texts(ensure_wikipedia() / "articles.jsonl")
+    read, first_free = 0, len(articles)
+    for i, text in enumerate(articles):  # as token_stream counts: the article's tokens and one EOS
+        read += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if read >= eval_tokens:
+            first_free = i + 1
+            break
+    passages: list[str] = []
+    for text in articles[first_free:]:
+        current = ""
+        for paragraph in (p.strip() for p in text.split("\n")):
+            if paragraph:
+                current = f"{current}\n{paragraph}" if current else paragraph
+            if len(current) >= chars:
+                passages.append(current)
+                current = ""
+        if len(passages) >= rows:
+            break
+    if len(passages) < rows:
+        raise ValueError(f"the Wikipedia asset has {len(passages)} passages after the evaluated articles, not {rows}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in passages[:rows]))
+    return out
+
+
 def smollm2_config(model: Path, data: Path, out: Path, *, atp: dict | None, **overrides: Any) -> dict:
     cfg: dict[str, Any] = {
         "base_model": str(model),

@@ -64,6 +64,7 @@ from benchmarks.common import (
     run_cli,
     smollm2_config,
     train,
+    wikipedia_passages,
 )
 from benchmarks.saved_rows import is_current, is_stale, row_config, row_key, save_row
 
@@ -90,6 +91,7 @@ METHODS = {
     "atp-channels": "ATP, Wanda-sp channels within each layer at the freeze",
     "atp-short-control": "ATP, masks frozen after 50 steps (control_steps: 50)",
     "atp-lean": "ATP, generator every second step on one calibration row (generator_interval: 2, calibration_batch_size: 1)",
+    "atp-mixed": "ATP, a quarter of the training rows Wikipedia passages (general English)",
 }
 # Each kind with a generator: its change to the protocol's `atp:` block.
 ATP_KIND_OPTIONS: dict[str, dict[str, Any]] = {
@@ -100,7 +102,12 @@ ATP_KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "atp-channels": {"freeze_channels": "importance"},
     "atp-short-control": {"control_steps": 50},
     "atp-lean": {"generator_interval": 2, "calibration_batch_size": 1},
+    "atp-mixed": {},
 }
+# Kinds whose training data mixes general text into PubMed: the share of the training rows that are Wikipedia
+# passages (from articles the held-out Wikipedia stream does not read).
+GENERAL_SHARE: dict[str, float] = {"atp-mixed": 0.25}
+
 # The kinds the plot draws as lines over the ratios (seed 42); the other rows are single points.
 LINE_KINDS = ("atp", "atp-nokd", "two-stage")
 
@@ -135,6 +142,9 @@ def plan(protocol: dict, quick: bool) -> list[dict[str, Any]]:
     # The two options that bring a control-phase step near the 1.5x-of-plain target
     # (benchmarks/training_overhead.py): what do they cost the export?
     rows += [row("atp-lean", 0.3)]
+    # Wikipedia at 0.2 stays 1.76x the base model, trained on PubMed alone: does a quarter of general text in the
+    # training rows (distilled from the base like the rest) keep it, and what does it cost PubMed?
+    rows += [row("atp-mixed", 0.2)]
     return rows
 
 
@@ -156,8 +166,13 @@ def run_config(
     protocol: dict,
     decision: Path | None,
     shared_prepared: bool = True,
+    general: Path | None = None,
 ) -> dict:
+    """The row's training config; `general` is the Wikipedia passages file of the kinds in `GENERAL_SHARE`."""
     out = work / run["name"]
+    mixed = run["kind"] in GENERAL_SHARE
+    if mixed and general is None:
+        raise ValueError(f"row {run['name']} mixes general text: pass its Wikipedia passages file")
     common = {
         "max_steps": protocol["steps"],
         "micro_batch_size": protocol["micro_batch_size"],
@@ -165,9 +180,12 @@ def run_config(
         "seed": run["seed"],
         # One prepared dataset for all rows (same data, tokenizer and length): tokenized once. Rows trained at the
         # same time each tokenize their own (two processes writing one prepared folder would race).
-        "dataset_prepared_path": str(work / "prepared" if shared_prepared else out / "prepared"),
+        "dataset_prepared_path": str(work / "prepared" if shared_prepared and not mixed else out / "prepared"),
     }
-    return smollm2_config(model_dir, data, out, atp=atp_block(run, decision), **common)
+    cfg = smollm2_config(model_dir, data, out, atp=atp_block(run, decision), **common)
+    if mixed:
+        cfg["datasets"] = [*cfg["datasets"], {"path": str(general), "type": "completion"}]
+    return cfg
 
 
 def with_checkpoints(cfg: dict, every: int) -> dict:
@@ -251,6 +269,12 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     evals = held_out_evals(tokenizer, pubmed, protocol["eval_tokens"])
+    general: dict[float, Path] = {}  # per share, the Wikipedia passages file (its name carries the row count)
+    for share in {GENERAL_SHARE[r["kind"]] for r in plan(protocol, args.quick) if r["kind"] in GENERAL_SHARE}:
+        count = round(train_rows * share / (1 - share))
+        general[share] = wikipedia_passages(
+            tokenizer, work / f"wikipedia-{count}.jsonl", count, protocol["eval_tokens"]
+        )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = machine()
@@ -288,7 +312,17 @@ def main() -> None:
                 layout="per_layer",
                 structures=(MLP,),
             )
-        cfg = run_config(run, model_dir, data, work, protocol, decision, shared_prepared=args.jobs == 1)
+        share = GENERAL_SHARE.get(run["kind"])
+        cfg = run_config(
+            run,
+            model_dir,
+            data,
+            work,
+            protocol,
+            decision,
+            shared_prepared=args.jobs == 1,
+            general=general[share] if share else None,
+        )
         config = row_config(cfg, protocol)
         key = row_key(config)
         path = saved / f"{run['name']}.json"

@@ -233,6 +233,29 @@ def test_teacher_row_distils_from_the_dense_rows_adapter_and_its_key_follows_the
     assert row_key(row_config({**cfg, "atp": {**cfg["atp"], "kd_teacher": str(retrained)}}, PROTOCOL)) != key
 
 
+@pytest.mark.real
+def test_wikipedia_training_passages_skip_the_evaluated_articles(tmp_path, smollm2, pubmed):
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import held_out_evals, wikipedia_passages
+    from devkit.assets import ensure_wikipedia
+    from devkit.evaluation import read_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    out = wikipedia_passages(tokenizer, tmp_path / "wiki.jsonl", 40, eval_tokens=8192)
+    passages = read_texts(out)
+    assert len(passages) == 40 and all(len(p) >= 1000 for p in passages)
+    evaluated = held_out_evals(tokenizer, pubmed, 8192)["Wikipedia"]
+    # the evaluated stream is the first articles' tokens: no passage's text is in them
+    evaluated_text = tokenizer.decode(evaluated)
+    assert not any(p.splitlines()[0] in evaluated_text for p in passages)
+    # and the first passage starts the article right after the last one the stream reached
+    articles = read_texts(ensure_wikipedia() / "articles.jsonl")
+    reached = next(i for i, a in enumerate(articles) if a.split("\n")[0].strip() not in evaluated_text)
+    assert articles[reached].startswith(passages[0].split("\n")[0])
+
+
 def test_overhead_step_times_come_from_the_progress_bar():
     sys.path.insert(0, str(ROOT))
     from benchmarks.training_overhead import mean_step, step_elapsed
