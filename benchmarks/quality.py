@@ -83,6 +83,7 @@ LONG = {
 QUICK = {"steps": 4, "micro_batch_size": 2, "eval_tokens": 1024, "train_rows": 400, "ratios": [0.4], "seeds": [42]}
 METHODS = {
     "dense": "dense LoRA",
+    "dense-r64": "dense LoRA, r=64",
     "atp": "ATP",
     "atp-nokd": "ATP without distillation",
     "two-stage": "two-stage (Wanda-sp on MLP channels, then LoRA)",
@@ -92,6 +93,7 @@ METHODS = {
     "atp-short-control": "ATP, masks frozen after 50 steps (control_steps: 50)",
     "atp-lean": "ATP, generator every second step on one calibration row (generator_interval: 2, calibration_batch_size: 1)",
     "atp-mixed": "ATP, a quarter of the training rows Wikipedia passages (general English)",
+    "atp-r64": "ATP, LoRA r=64",
 }
 # Each kind with a generator: its change to the protocol's `atp:` block.
 ATP_KIND_OPTIONS: dict[str, dict[str, Any]] = {
@@ -103,6 +105,15 @@ ATP_KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "atp-short-control": {"control_steps": 50},
     "atp-lean": {"generator_interval": 2, "calibration_batch_size": 1},
     "atp-mixed": {},
+    "atp-r64": {},
+}
+# Kinds without a generator or a decision: plain LoRA on the unpruned model.
+DENSE_KINDS = ("dense", "dense-r64")
+# Kinds that change the LoRA adapter itself: their change to the protocol's training config (alpha follows the rank,
+# so that the adapter's scale alpha/r stays 2).
+KIND_TRAINING: dict[str, dict[str, Any]] = {
+    "dense-r64": {"lora_r": 64, "lora_alpha": 128},
+    "atp-r64": {"lora_r": 64, "lora_alpha": 128},
 }
 # Kinds whose training data mixes general text into PubMed: the share of the training rows that are Wikipedia
 # passages (from articles the held-out Wikipedia stream does not read).
@@ -113,8 +124,8 @@ LINE_KINDS = ("atp", "atp-nokd", "two-stage")
 
 
 def row(kind: str, ratio: float = 0.0, seed: int = 42) -> dict[str, Any]:
-    name = kind if kind == "dense" else f"{kind}-{ratio}" + (f"-s{seed}" if seed != 42 else "")
-    layout = "-" if kind == "dense" else ATP_KIND_OPTIONS.get(kind, {}).get("layout", "per_layer")
+    name = kind if kind in DENSE_KINDS else f"{kind}-{ratio}" + (f"-s{seed}" if seed != 42 else "")
+    layout = "-" if kind in DENSE_KINDS else ATP_KIND_OPTIONS.get(kind, {}).get("layout", "per_layer")
     return {"name": name, "kind": kind, "method": METHODS[kind], "ratio": ratio, "seed": seed, "layout": layout}
 
 
@@ -145,12 +156,15 @@ def plan(protocol: dict, quick: bool) -> list[dict[str, Any]]:
     # Wikipedia at 0.2 stays 1.76x the base model, trained on PubMed alone: does a quarter of general text in the
     # training rows (distilled from the base like the rest) keep it, and what does it cost PubMed?
     rows += [row("atp-mixed", 0.2)]
+    # Decisions as different as the generator's and Wanda-sp's export within 1% of each other at 0.3: recovery is the
+    # limit. Does a larger adapter recover more on the pruned model than on the dense one?
+    rows += [row("dense-r64"), row("atp-r64", 0.3)]
     return rows
 
 
 def atp_block(run: dict, decision: Path | None) -> dict | None:
     kind = run["kind"]
-    if kind == "dense":
+    if kind in DENSE_KINDS:
         return None
     if kind == "two-stage":
         return {"decision_file": str(decision), "lora_aware": False, "group_lasso": "off", "mlp_round_to": 8}
@@ -181,6 +195,7 @@ def run_config(
         # One prepared dataset for all rows (same data, tokenizer and length): tokenized once. Rows trained at the
         # same time each tokenize their own (two processes writing one prepared folder would race).
         "dataset_prepared_path": str(work / "prepared" if shared_prepared and not mixed else out / "prepared"),
+        **KIND_TRAINING.get(run["kind"], {}),
     }
     cfg = smollm2_config(model_dir, data, out, atp=atp_block(run, decision), **common)
     if mixed:
@@ -344,7 +359,7 @@ def main() -> None:
         if earlier:
             log = earlier + log
             log_path.write_text(log)
-        if run["kind"] == "dense":
+        if run["kind"] in DENSE_KINDS:
             model = merged_dense(model_dir, run_dir)
         else:
             export = work / run["name"] / "export"
@@ -468,9 +483,11 @@ def format_table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        vs_dense = f"{r['PubMed'] / dense['PubMed']:.2f}" if dense and r["kind"] not in ("base", "dense") else ""
+        vs_dense = f"{r['PubMed'] / dense['PubMed']:.2f}" if dense and r["kind"] not in ("base", *DENSE_KINDS) else ""
         ref = two_stage.get(r["ratio"])
-        vs_two = f"{r['PubMed'] / ref['PubMed']:.2f}" if ref and r["kind"] not in ("two-stage", "base", "dense") else ""
+        vs_two = (
+            f"{r['PubMed'] / ref['PubMed']:.2f}" if ref and r["kind"] not in ("two-stage", "base", *DENSE_KINDS) else ""
+        )
         flips = f"{r['freeze_flips'] / r['groups']:.2%}" if r.get("groups") else ""
         when = ", ".join(str(r[k]) for k in ("commit", "date", "machine") if r.get(k))
         lines.append(
@@ -548,8 +565,8 @@ def write_plot(results: list[dict], path: Path) -> Path:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=marker, label=METHODS[kind])
         for r in results:
-            if r["kind"] in ("base", "dense"):
-                color = "grey" if r["kind"] == "base" else "black"
+            if r["kind"] in ("base", *DENSE_KINDS):
+                color = {"base": "grey", "dense": "black"}.get(r["kind"], "dimgrey")
                 ax.axhline(r[metric], linestyle="--", linewidth=1, color=color, label=f"{r['method']} (unpruned)")
             elif r["kind"] not in LINE_KINDS or r.get("seed") != 42:
                 ax.scatter([r["ratio"]], [r[metric]], marker="x", label=f"{r['name']}")

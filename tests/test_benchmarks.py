@@ -325,3 +325,27 @@ def test_quality_report_lists_a_stale_row_as_not_measured():
     ]
     body = report(rows, LONG, ["atp-nokd-0.3", "atp-0.5"], {"atp-nokd-0.3"})
     assert "Not yet measured (2 rows): atp-nokd-0.3 (its saved row is of an earlier config), atp-0.5." in body
+
+
+def test_quality_row_configs_keep_the_committed_rows_current_and_apply_each_kinds_change(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.quality import LONG, plan, run_config
+    from benchmarks.saved_rows import is_current, row_config
+
+    rows = {r["name"]: r for r in plan(LONG, quick=False)}
+    model, data, general = tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "wikipedia-1333.jsonl"
+
+    def config(name: str) -> dict:
+        return run_config(rows[name], model, data, tmp_path, LONG, None, general=general)
+
+    saved = ROOT / "benchmarks" / "rows" / "quality-long"
+    for name in ("dense", "atp-0.3", "atp-nokd-0.2", "atp-short-control-0.3-s43", "atp-lean-0.3"):
+        assert is_current(saved / f"{name}.json", row_config(config(name), LONG)), name
+    assert config("dense-r64")["lora_r"] == 64 and config("dense-r64")["lora_alpha"] == 128
+    assert "atp" not in config("dense-r64")
+    assert config("atp-r64-0.3")["lora_r"] == 64 and config("atp-r64-0.3")["atp"]["prune_ratio"] == 0.3
+    mixed = config("atp-mixed-0.2")
+    assert [Path(d["path"]).name for d in mixed["datasets"]] == ["train.jsonl", "wikipedia-1333.jsonl"]
+    assert mixed["dataset_prepared_path"] == str(tmp_path / "atp-mixed-0.2" / "prepared")  # not the shared one
+    with pytest.raises(ValueError, match="mixes general text"):
+        run_config(rows["atp-mixed-0.2"], model, data, tmp_path, LONG, None)
