@@ -16,7 +16,10 @@ Rows (the long protocol: 200 optimizer steps of 4x256 tokens, 204,800 training t
 - ATP with the paper's components at 0.3 (`lora_aware: true`: the LoRA-aware forward, with the group lasso it
   resolves to), and at 0.2; the default until 2026-12-07, when three seeds found the two level and the plain step
   became the default; and ATP with `layout: uniform` at 0.3;
-- three seeds of ATP and of ATP with the components at 0.3.
+- three seeds of ATP and of ATP with the components at 0.3;
+- beyond these, single changes to ATP (`plan` says why each is there): Wanda-sp's channels at the freeze, a shorter
+  control phase (three seeds), the lean generator options, LoRA r=64 (with a dense LoRA r=64 beside it), and
+  Wikipedia passages among the training rows (`GENERAL_SHARE`).
 
 The run is resumable: each row's result (its figures, a small JSON file) is saved under `--rows`
 (benchmarks/rows/quality-long by default, which is committed: a session's machine is fresh, and its
