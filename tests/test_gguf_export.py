@@ -49,13 +49,17 @@ def exports(tmp_path_factory):
 
     def get(family: str) -> Path:
         if family not in cache:
-            kv, mlp, overrides = QUANTIZED_CASE if family == "qwen2_quantized" else CASES[family]
-            family_name = "qwen2" if family == "qwen2_quantized" else family
-            root = tmp_path_factory.mktemp(f"gguf-{family}")
-            cache[family] = tiny_export(root, family_name, kv, mlp, **overrides)
+            kv, mlp, overrides = CASES[family]
+            cache[family] = tiny_export(tmp_path_factory.mktemp(f"gguf-{family}"), family, kv, mlp, **overrides)
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def quantized_export(tmp_path_factory) -> Path:
+    kv, mlp, overrides = QUANTIZED_CASE
+    return tiny_export(tmp_path_factory.mktemp("gguf-qwen2-quantized"), "qwen2", kv, mlp, **overrides)
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -101,9 +105,9 @@ def test_negative_controls_are_caught(exports, tmp_path):
 
 
 @pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
-def test_16_bit_and_q8_0_files_run_within_their_tolerance(exports, tmp_path, out_type):
+def test_16_bit_and_q8_0_files_run_within_their_tolerance(quantized_export, tmp_path, out_type):
     require_llama_cpp()
-    export = exports("qwen2_quantized")
+    export = quantized_export
     summary = write_gguf(export, tmp_path / f"model-{out_type}.gguf", out_type)
     check = verify_gguf(export, summary.path, TEXTS, out_type, trust_remote_code=True)
     assert check.status == "passed", check
